@@ -1,0 +1,1 @@
+"""The proxy processes assembled from `mesh`: the sidecar (inbound + outbound + admin) and its entry points."""
