@@ -1,0 +1,775 @@
+"""Sidecar configuration: YAML files parsed into frozen, validated pydantic models with plain-word errors."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import types
+import typing
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "MUTUAL_TLS_UNAVAILABLE",
+    "Address",
+    "AddressField",
+    "AdminSettings",
+    "BalancerSettings",
+    "ConfigError",
+    "DiscoverySettings",
+    "Duration",
+    "Endpoint",
+    "EndpointSpec",
+    "InboundSettings",
+    "Limits",
+    "LogSettings",
+    "MeshSettings",
+    "PoolSettings",
+    "RegistryFile",
+    "ServiceName",
+    "ServiceSettings",
+    "ShutdownSettings",
+    "SidecarConfig",
+    "Size",
+    "Timeouts",
+    "UpstreamSettings",
+    "dump_config",
+    "format_duration",
+    "format_size",
+    "load_config",
+    "load_registry",
+    "parse_address",
+    "parse_config",
+    "parse_duration",
+    "parse_registry",
+    "parse_size",
+    "redact",
+]
+
+
+class ConfigError(Exception):
+    """A configuration (or registry) file could not be used; `errors` holds one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+# --- scalar types ---
+
+
+class Address(NamedTuple):
+    """A host and TCP port; IPv6 hosts are stored without brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def parse_address(value: object) -> Address:
+    """Parse "host:port" ("[v6]:port" for IPv6) into an Address; raise ValueError in plain words."""
+    if isinstance(value, Address):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected host:port (got {_show(value)})")
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"expected [ipv6]:port (got {value!r})")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv6 address {host!r}") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"expected host:port (got {value!r})")
+        if ":" in host:
+            raise ValueError(f"put IPv6 addresses in brackets, e.g. [::1]:80 (got {value!r})")
+        if not host:
+            raise ValueError(f"expected host:port, the host is empty (got {value!r})")
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"invalid host {host!r}")
+    if not port_text.isdigit():
+        raise ValueError(f"expected host:port, {port_text!r} is not a port number")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} out of range")
+    return Address(host, port)
+
+
+AddressField = Annotated[Address, BeforeValidator(parse_address), PlainSerializer(str)]
+"""An Address accepted from YAML as "host:port" and written back the same way."""
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|h|m|s)")
+_DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
+_DURATION_HELP = "use e.g. 250ms, 1.5s, 2m, 1h30m or a number of seconds"
+
+
+def parse_duration(value: object) -> float:
+    """Parse "250ms", "1.5s", "2m", "1h30m" or a bare number of seconds into float seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a duration, {_DURATION_HELP} (got {_show(value)})")
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("-"):
+            raise ValueError(f"duration must not be negative (got {value!r})")
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = _sum_duration_parts(text, value)
+    else:
+        seconds = float(value)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError(f"expected a finite duration (got {_show(value)})")
+    if seconds < 0:
+        raise ValueError(f"duration must not be negative (got {_show(value)})")
+    return seconds
+
+
+def _sum_duration_parts(text: str, original: str) -> float:
+    position, seconds = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            break
+        number, unit = match.groups()
+        seconds += float(number) / 1000 if unit == "ms" else float(number) * _DURATION_UNITS[unit]
+        position = match.end()
+    if not text or position != len(text):
+        raise ValueError(f"invalid duration {original!r} ({_DURATION_HELP})")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Write seconds compactly ("0s", "250ms", "1.5s", "1h30m"); parse_duration reads it back."""
+    micros = round(seconds * 1_000_000)
+    hours, micros = divmod(micros, 3_600_000_000)
+    minutes, micros = divmod(micros, 60_000_000)
+    parts = [f"{hours}h"] if hours else []
+    if minutes:
+        parts.append(f"{minutes}m")
+    if micros % 1_000_000 == 0:
+        if micros or not parts:
+            parts.append(f"{micros // 1_000_000}s")
+    elif micros < 1_000_000 and micros % 1000 == 0:
+        parts.append(f"{micros // 1000}ms")
+    else:
+        parts.append(f"{micros / 1_000_000:.6f}".rstrip("0") + "s")
+    return "".join(parts)
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
+"""Seconds as a float, accepted as "250ms", "1.5s", "2m", "1h30m" or a bare number; written back compactly."""
+
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(B|KiB|MiB|GiB|TiB)?")
+_SIZE_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+_SIZE_HELP = "use a number of bytes or KiB, MiB, GiB, e.g. 64KiB"
+
+
+def parse_size(value: object) -> int:
+    """Parse "64KiB", "10MiB", "1GiB", "1000" or a bare integer into a whole number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"size must not be negative (got {value})")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a size, {_SIZE_HELP} (got {_show(value)})")
+    if value.strip().startswith("-"):
+        raise ValueError(f"size must not be negative (got {value!r})")
+    match = _SIZE.fullmatch(value.strip())
+    if not match:
+        raise ValueError(f"invalid size {value!r} ({_SIZE_HELP})")
+    number, unit = match.groups()
+    size = Fraction(number) * _SIZE_UNITS[unit or "B"]
+    if size.denominator != 1:
+        raise ValueError(f"size {value!r} is not a whole number of bytes")
+    return int(size)
+
+
+def format_size(size: int) -> str:
+    """Write bytes in the largest binary unit that divides them ("64KiB", "1000B"); parse_size reads it."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
+Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
+"""Bytes as an int, accepted as "64KiB", "10MiB", "1GiB" or a bare number; written back as "64KiB"."""
+
+_SERVICE_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
+
+
+def _check_service_name(value: object) -> str:
+    if not isinstance(value, str) or not _SERVICE_NAME.fullmatch(value):
+        raise ValueError(
+            f"invalid service name {_show(value)}: use 1-63 lowercase letters, digits and '-', "
+            "starting with a letter"
+        )
+    return value
+
+
+ServiceName = Annotated[str, BeforeValidator(_check_service_name)]
+"""A mesh service name (part of its SPIFFE ID): 1-63 lowercase letters, digits and '-', letter first."""
+
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+_PATH_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,63}")
+
+
+def _check_trust_domain(value: object) -> str:
+    if not isinstance(value, str) or not _TRUST_DOMAIN.fullmatch(value):
+        raise ValueError(
+            f"invalid trust domain {_show(value)}: use lowercase letters, digits, '.', '-' and '_'"
+        )
+    return value
+
+
+def _check_path_segment(value: object) -> str:
+    if not isinstance(value, str) or not _PATH_SEGMENT.fullmatch(value) or value in (".", ".."):
+        raise ValueError(f"invalid name {_show(value)}: use 1-63 letters, digits, '.', '-' and '_'")
+    return value
+
+
+def _check_allowed_peer(value: object) -> str:
+    if isinstance(value, str) and value.startswith("spiffe://"):
+        trust_domain, _, path = value.removeprefix("spiffe://").partition("/")
+        if not _TRUST_DOMAIN.fullmatch(trust_domain) or not path:
+            raise ValueError(f"invalid SPIFFE ID {value!r}: expected spiffe://<trust-domain>/<path>")
+        return value
+    if not isinstance(value, str) or not _SERVICE_NAME.fullmatch(value):
+        raise ValueError(f"expected a service name or a spiffe:// ID (got {_show(value)})")
+    return value
+
+
+def _endpoint_from_string(value: object) -> object:
+    return {"address": value} if isinstance(value, str) else value
+
+
+# --- models ---
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MeshSettings(_Model):
+    """Mesh-wide identity settings; together with a service name they form its SPIFFE ID."""
+
+    trust_domain: Annotated[str, BeforeValidator(_check_trust_domain)] = Field(
+        "mesh.local", description="SPIFFE trust domain shared by every sidecar of the mesh."
+    )
+    namespace: Annotated[str, BeforeValidator(_check_path_segment)] = Field(
+        "default",
+        description="Namespace part of the SPIFFE IDs (spiffe://<trust_domain>/ns/<namespace>/...).",
+    )
+    datacenter: Annotated[str, BeforeValidator(_check_path_segment)] = Field(
+        "dc1", description="Datacenter part of the SPIFFE IDs (.../dc/<datacenter>/svc/<service>)."
+    )
+
+
+class Timeouts(_Model):
+    """Time limits of one listener or upstream."""
+
+    connect: Duration = Field(
+        1.0, description="Longest wait for a TCP (and TLS) connection to be established."
+    )
+    request_headers: Duration = Field(10.0, description="Longest wait for a client to send the request head.")
+    request: Duration = Field(15.0, description="Whole-request deadline including retries; 0 turns it off.")
+    idle: Duration = Field(3600.0, description="An idle client connection is closed after this long.")
+
+
+class Limits(_Model):
+    """Resource limits of one listener or upstream."""
+
+    max_connections: int = Field(
+        10000, ge=1, description="Most client connections open at once per listener."
+    )
+    max_header_bytes: Annotated[Size, Field(ge=1)] = Field(
+        64 * 1024, description="Largest request or response head; a larger request head gets 431."
+    )
+    max_header_count: int = Field(100, ge=1, description="Most header fields in one head; more gets 431.")
+    max_body_bytes: Size | None = Field(
+        None, description="Largest request body; a larger one gets 413. null means unlimited."
+    )
+
+
+class PoolSettings(_Model):
+    """Reuse of upstream connections."""
+
+    max_idle_per_endpoint: int = Field(64, ge=0, description="Most idle connections kept open per endpoint.")
+    idle_timeout: Duration = Field(60.0, description="An idle pooled connection is closed after this long.")
+
+
+class BalancerSettings(_Model):
+    """How requests are spread over an upstream's endpoints."""
+
+    policy: Literal["round_robin"] = Field("round_robin", description="Load-balancing policy.")
+
+
+class ServiceSettings(_Model):
+    """The local application this sidecar sits beside."""
+
+    name: ServiceName = Field(description="The service's mesh name; peers address it by this name.")
+    app: AddressField = Field(description="Where the local application listens (the inbound forwards here).")
+    protocol: Literal["http", "tcp"] = Field("http", description="What the application speaks.")
+
+
+class InboundSettings(_Model):
+    """The listener peers (and the gateway) connect to; it forwards to the local application."""
+
+    bind: AddressField = Field(Address("0.0.0.0", 15000), description="Address the inbound listener binds.")
+    tls: Literal["mutual", "off"] = Field(
+        "mutual",
+        description="mutual: peers must present mesh certificates; off: plaintext (local trials only).",
+    )
+    allow: list[Annotated[str, BeforeValidator(_check_allowed_peer)]] = Field(
+        default_factory=list, description="Callers allowed in: service names or full spiffe:// IDs."
+    )
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="Time limits of inbound requests.")
+    limits: Limits = Field(default_factory=Limits, description="Resource limits of the inbound listener.")
+    pool: PoolSettings = Field(default_factory=PoolSettings, description="Connections kept to the local app.")
+
+
+class UpstreamSettings(_Model):
+    """A local listener the application calls to reach one mesh service."""
+
+    service: ServiceName = Field(description="The mesh service this listener leads to.")
+    bind: AddressField = Field(description="Local address the application calls for this service.")
+    protocol: Literal["http", "tcp"] = Field(
+        "http", description="What the application speaks to the listener."
+    )
+    tls: Literal["mutual", "off"] = Field(
+        "mutual",
+        description="mutual: the mesh hop uses mesh certificates; off: plaintext (local trials only).",
+    )
+    timeouts: Timeouts = Field(
+        default_factory=Timeouts, description="Time limits of requests to this service."
+    )
+    limits: Limits = Field(default_factory=Limits, description="Resource limits of this listener.")
+    pool: PoolSettings = Field(default_factory=PoolSettings, description="Connections kept to peer sidecars.")
+    balancer: BalancerSettings = Field(
+        default_factory=BalancerSettings, description="How requests are spread over the endpoints."
+    )
+
+
+class EndpointSpec(_Model):
+    """One instance of a service: a peer sidecar's inbound listener."""
+
+    address: AddressField = Field(description="The peer sidecar's inbound address.")
+    weight: int = Field(1, ge=1, le=1000, description="Relative share of traffic, 1-1000.")
+    tags: tuple[str, ...] = Field((), description="Free-form labels, e.g. a version.")
+    meta: dict[str, str] = Field(
+        default_factory=dict, description="Free-form key/value metadata, e.g. a zone."
+    )
+
+
+Endpoint = Annotated[EndpointSpec, BeforeValidator(_endpoint_from_string)]
+"""An EndpointSpec, also accepted from YAML as a bare "host:port" string."""
+
+
+class RegistryFile(_Model):
+    """The contents of a `file` discovery registry."""
+
+    services: dict[ServiceName, list[Endpoint]] = Field(
+        default_factory=dict, description="The endpoints of each service."
+    )
+
+
+class DiscoverySettings(_Model):
+    """Where the endpoints of upstream services come from: exactly one source."""
+
+    static: dict[ServiceName, list[Endpoint]] | None = Field(
+        None, description="Endpoints listed inline, per service."
+    )
+    file: Path | None = Field(
+        None, description="A registry file (YAML or JSON), watched for changes; relative to the config file."
+    )
+
+    @field_validator("file")
+    @classmethod
+    def _resolve_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is None:
+            return None
+        base_dir = (info.context or {}).get("base_dir", Path.cwd())
+        return Path(os.path.abspath(Path(base_dir) / path))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DiscoverySettings:
+        if (self.static is None) == (self.file is None):
+            raise ValueError("set exactly one of: static, file")
+        return self
+
+
+class AdminSettings(_Model):
+    """The admin listener: health, metrics and the running config."""
+
+    bind: AddressField = Field(Address("127.0.0.1", 9901), description="Address the admin listener binds.")
+
+
+class LogSettings(_Model):
+    """Logging."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
+    access_log: bool = Field(True, description="Log one event per request or TCP connection.")
+
+
+class ShutdownSettings(_Model):
+    """Graceful shutdown."""
+
+    drain_timeout: Duration = Field(
+        15.0, description="How long in-flight work may finish after a stop signal."
+    )
+
+
+MUTUAL_TLS_UNAVAILABLE = (
+    "mutual TLS needs the mesh CA, which this version does not have yet; "
+    "set tls: off to run a plaintext mesh hop (local trials only)"
+)
+
+
+class SidecarConfig(_Model):
+    """One sidecar: its service, its inbound listener, its upstreams and where their endpoints come from."""
+
+    mesh: MeshSettings = Field(default_factory=MeshSettings, description="Mesh-wide identity settings.")
+    service: ServiceSettings = Field(description="The local application this sidecar serves.")
+    inbound: InboundSettings | None = Field(
+        None, description="The listener for peers; null for a client-only sidecar."
+    )
+    upstreams: list[UpstreamSettings] = Field(
+        default_factory=list, description="Services the application calls."
+    )
+    discovery: DiscoverySettings | None = Field(None, description="Where upstream endpoints come from.")
+    admin: AdminSettings = Field(default_factory=AdminSettings, description="The admin listener.")
+    log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings, description="Graceful shutdown.")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> SidecarConfig:
+        problems = [*_conflicts(self), *_mutual_tls_unavailable(self)]
+        if problems:
+            text = "\n".join(f"{_format_loc(loc)}: {message}" for loc, message in problems)
+            raise PydanticCustomError("config_conflict", text, {"problems": tuple(problems)})
+        return self
+
+
+_Problem = tuple[tuple[str | int, ...], str]
+
+
+def _conflicts(cfg: SidecarConfig) -> list[_Problem]:
+    problems: list[_Problem] = []
+    first_use: dict[str, int] = {}
+    for i, upstream in enumerate(cfg.upstreams):
+        if upstream.service in first_use:
+            message = (
+                f"'{upstream.service}' is already configured by upstreams[{first_use[upstream.service]}]"
+            )
+            problems.append((("upstreams", i, "service"), message))
+        first_use.setdefault(upstream.service, i)
+
+    binds: list[tuple[tuple[str | int, ...], Address]] = []
+    if cfg.inbound is not None:
+        binds.append((("inbound", "bind"), cfg.inbound.bind))
+    binds += [(("upstreams", i, "bind"), upstream.bind) for i, upstream in enumerate(cfg.upstreams)]
+    binds.append((("admin", "bind"), cfg.admin.bind))
+    for n, (loc, address) in enumerate(binds):
+        same = [earlier_loc for earlier_loc, earlier in binds[:n] if earlier == address and address.port != 0]
+        overlapping = [
+            (earlier_loc, earlier) for earlier_loc, earlier in binds[:n] if _overlaps(address, earlier)
+        ]
+        if same:
+            problems.append((loc, f"{address} is already used by {_format_loc(same[0])}"))
+        elif overlapping:
+            earlier_loc, earlier = overlapping[0]
+            problems.append((loc, f"{address} overlaps {earlier} used by {_format_loc(earlier_loc)}"))
+
+    if cfg.upstreams and cfg.discovery is None:
+        problems.append((("discovery",), "required when upstreams are configured"))
+    elif cfg.discovery is not None and cfg.discovery.static is not None:
+        for i, upstream in enumerate(cfg.upstreams):
+            if not cfg.discovery.static.get(upstream.service):
+                problems.append(
+                    (
+                        ("upstreams", i, "service"),
+                        f"no endpoints for '{upstream.service}' in discovery.static",
+                    )
+                )
+    return problems
+
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+
+
+def _overlaps(a: Address, b: Address) -> bool:
+    """A wildcard bind takes its port on every local address, so it collides with any bind of that port."""
+    return a.port == b.port != 0 and (a.host in _WILDCARD_HOSTS or b.host in _WILDCARD_HOSTS)
+
+
+def _mutual_tls_unavailable(cfg: SidecarConfig) -> list[_Problem]:
+    # Temporary: mutual TLS is refused until the mesh CA can issue identities; the CA work deletes this.
+    problems: list[_Problem] = []
+    if cfg.inbound is not None and cfg.inbound.tls == "mutual":
+        problems.append((("inbound", "tls"), MUTUAL_TLS_UNAVAILABLE))
+    problems += [
+        (("upstreams", i, "tls"), MUTUAL_TLS_UNAVAILABLE)
+        for i, upstream in enumerate(cfg.upstreams)
+        if upstream.tls == "mutual"
+    ]
+    return problems
+
+
+# --- loading ---
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (so `tls: off` stays the word "off"), refusing duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _load_yaml(text: str, name: str) -> dict[str, Any]:
+    try:
+        data = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        context = f" ({exc.context})" if exc.problem and exc.context else ""
+        raise ConfigError([f"{name}: {where}{problem}{context}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{name}: invalid YAML: {exc}"]) from None
+    if not isinstance(data, dict):
+        got = "an empty document" if data is None else _show(data)
+        raise ConfigError([f"{name}: the top level must be a mapping of settings (got {got})"])
+    return data
+
+
+def _read(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError([f"{os.fspath(path)}: cannot read file: it is not UTF-8 text"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{os.fspath(path)}: cannot read file: {exc.strerror or exc}"]) from None
+
+
+def parse_config(text: str, *, name: str, base_dir: Path) -> SidecarConfig:
+    """Validate YAML text as a sidecar config; `name` prefixes errors, relative paths join base_dir."""
+    data = _load_yaml(text, name)
+    try:
+        return SidecarConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, SidecarConfig, name)) from None
+
+
+def load_config(path: str | Path) -> SidecarConfig:
+    """Read and validate a sidecar config file; errors are prefixed with the path as given."""
+    return parse_config(_read(path), name=os.fspath(path), base_dir=Path(path).parent)
+
+
+def parse_registry(text: str, *, name: str) -> RegistryFile:
+    """Validate YAML or JSON text as a `file` discovery registry; `name` prefixes errors."""
+    data = _load_yaml(text, name)
+    try:
+        return RegistryFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, RegistryFile, name)) from None
+
+
+def load_registry(path: str | Path) -> RegistryFile:
+    """Read and validate a registry file (YAML or JSON); errors are prefixed with the path as given."""
+    return parse_registry(_read(path), name=os.fspath(path))
+
+
+def dump_config(cfg: SidecarConfig) -> dict[str, Any]:
+    """The normalised config as JSON-able data: durations "15s", sizes "64KiB", addresses "host:port"."""
+    return cfg.model_dump(mode="json")
+
+
+_SECRET_KEY = re.compile(r"token|password|passwd|secret|key_file|private_key|credential", re.IGNORECASE)
+
+
+def redact(d: dict[str, Any]) -> dict[str, Any]:
+    """A copy of dumped config with the values of secret-like keys (token, password, key_file...) hidden."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                key: "<redacted>"
+                if isinstance(key, str) and _SECRET_KEY.search(key) and item is not None
+                else walk(item)
+                for key, item in value.items()
+            }
+        if isinstance(value, list | tuple):
+            return [walk(item) for item in value]
+        return value
+
+    return walk(d)
+
+
+# --- error wording ---
+
+
+def _describe(exc: ValidationError, root: type[BaseModel], name: str) -> list[str]:
+    lines: list[str] = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        if error["type"] == "config_conflict":
+            problems = [(loc + sub_loc, message) for sub_loc, message in error["ctx"]["problems"]]
+        else:
+            problems = [(loc, _message(error, root))]
+        for problem_loc, message in problems:
+            path = _format_loc(problem_loc)
+            lines.append(f"{name}: {path}: {message}" if path else f"{name}: {message}")
+    return lines
+
+
+def _message(error: Any, root: type[BaseModel]) -> str:
+    kind, loc, ctx, got = error["type"], tuple(error["loc"]), error.get("ctx", {}), _show(error["input"])
+    if kind in ("value_error", "assertion_error"):
+        return str(ctx["error"])
+    if kind == "missing":
+        return "required field missing"
+    if kind == "extra_forbidden":
+        model = _type_at(root, loc[:-1])
+        allowed = ", ".join(model.model_fields) if _is_model(model) else ""
+        return f"unknown field '{loc[-1]}' (allowed: {allowed})" if allowed else f"unknown field '{loc[-1]}'"
+    if kind == "literal_error":
+        literal = _type_at(root, loc)
+        if typing.get_origin(literal) is Literal:
+            choices = ", ".join(repr(choice) for choice in typing.get_args(literal))
+        else:
+            choices = ctx.get("expected", "")
+        return f"must be one of: {choices} (got {got})"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        bound = {
+            "greater_than_equal": ("at least", "ge"),
+            "greater_than": ("more than", "gt"),
+            "less_than_equal": ("at most", "le"),
+            "less_than": ("less than", "lt"),
+        }[kind]
+        return f"must be {bound[0]} {ctx[bound[1]]} (got {got})"
+    plain = _PLAIN.get(kind)
+    if plain:
+        return f"{plain} (got {got})"
+    message = str(error["msg"]).replace("Input should be", "must be")
+    return f"{message[:1].lower()}{message[1:]} (got {got})"
+
+
+_PLAIN = {
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "list_type": "must be a list",
+    "tuple_type": "must be a list",
+    "path_type": "must be a file path",
+}
+
+
+def _format_loc(loc: tuple[str | int, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part != "[key]":  # a bad mapping key: the message names it, the path already ends with it
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _is_model(tp: object) -> typing.TypeGuard[type[BaseModel]]:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Annotated and Optional so the walk sees the model, list or dict underneath."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            members = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+            if len(members) != 1:
+                return tp
+            tp = members[0]
+        else:
+            return tp
+
+
+def _type_at(root: type[BaseModel], loc: tuple[str | int, ...]) -> Any:
+    """The declared type at an error location, to name allowed fields and choices."""
+    tp: Any = root
+    for part in loc:
+        tp = _unwrap(tp)
+        origin = typing.get_origin(tp)
+        if _is_model(tp) and isinstance(part, str) and part in tp.model_fields:
+            tp = tp.model_fields[part].annotation
+        elif origin in (list, tuple) and isinstance(part, int):
+            tp = typing.get_args(tp)[0]
+        elif origin is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return None
+    return _unwrap(tp)
+
+
+def _show(value: object) -> str:
+    """A YAML value as a user would recognise it in a message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return repr(value)

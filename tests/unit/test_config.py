@@ -1,0 +1,538 @@
+"""Sidecar config parsing: defaults, value syntaxes, cross-field checks and the exact wording of errors."""
+
+import json
+from pathlib import Path
+
+import pydantic
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh.config import (
+    MUTUAL_TLS_UNAVAILABLE,
+    Address,
+    ConfigError,
+    EndpointSpec,
+    InboundSettings,
+    Limits,
+    SidecarConfig,
+    Timeouts,
+    dump_config,
+    format_duration,
+    format_size,
+    load_config,
+    load_registry,
+    parse_config,
+    parse_duration,
+    parse_size,
+    redact,
+)
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "configs"
+MINIMAL = "service: {name: web, app: 127.0.0.1:8080}\n"
+NAME_RULE = "use 1-63 lowercase letters, digits and '-', starting with a letter"
+
+
+def parse(text: str) -> SidecarConfig:
+    return parse_config(text, name="sidecar.yaml", base_dir=Path("/etc/mesh"))
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    return caught.value.errors
+
+
+@pytest.fixture
+def in_fixtures(monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(FIXTURES)
+    return FIXTURES
+
+
+# --- valid configs ---
+
+
+def test_full_example_loads() -> None:
+    cfg = load_config(FIXTURES / "valid-web.yaml")
+    assert cfg.service.name == "web"
+    assert cfg.service.app == Address("127.0.0.1", 8080)
+    assert cfg.inbound is not None
+    assert cfg.inbound.tls == "off"  # YAML 1.1 would have read `off` as false
+    assert cfg.inbound.allow == ["frontend", "spiffe://mesh.local/ns/default/dc/dc1/svc/gateway"]
+    assert cfg.inbound.timeouts == Timeouts(request_headers=5.0, idle=1800.0)
+    assert cfg.inbound.limits.max_body_bytes == 10 * 1024 * 1024
+    api, db = cfg.upstreams
+    assert (api.service, api.bind, api.timeouts.connect, api.timeouts.request) == (
+        "api",
+        Address("127.0.0.1", 9001),
+        0.25,
+        1.5,
+    )
+    assert api.pool.max_idle_per_endpoint == 16
+    assert api.pool.idle_timeout == 90.0
+    assert (db.protocol, db.bind, str(db.bind)) == ("tcp", Address("::1", 9002), "[::1]:9002")
+    assert cfg.discovery is not None
+    assert cfg.discovery.file == FIXTURES.resolve() / "registry.yaml"
+    assert (cfg.log.level, cfg.log.access_log) == ("debug", False)
+    assert cfg.shutdown.drain_timeout == 60.0
+
+
+def test_dump_round_trips() -> None:
+    cfg = load_config(FIXTURES / "valid-web.yaml")
+    dumped = dump_config(cfg)
+    assert json.loads(json.dumps(dumped)) == dumped
+    assert parse_config(yaml.safe_dump(dumped), name="again.yaml", base_dir=Path("/elsewhere")) == cfg
+    assert dumped["upstreams"][0]["timeouts"] == {
+        "connect": "250ms",
+        "request_headers": "10s",
+        "request": "1.5s",
+        "idle": "1h",
+    }
+    assert dumped["inbound"]["limits"]["max_body_bytes"] == "10MiB"
+    assert dumped["upstreams"][1]["bind"] == "[::1]:9002"
+    assert dumped["discovery"]["file"] == str(FIXTURES.resolve() / "registry.yaml")
+
+
+def test_relative_registry_path_resolves_against_the_config_directory(in_fixtures: Path) -> None:
+    cfg = load_config("valid-web.yaml")
+    assert cfg.discovery is not None
+    assert cfg.discovery.file == in_fixtures.resolve() / "registry.yaml"
+    cfg = parse("service: {name: web, app: 127.0.0.1:8080}\ndiscovery: {file: ../reg/r.json}\n")
+    assert cfg.discovery is not None
+    assert cfg.discovery.file == Path("/etc/reg/r.json")
+
+
+def test_client_only_sidecar_with_static_endpoints() -> None:
+    cfg = load_config(FIXTURES / "valid-static.yaml")
+    assert cfg.inbound is None
+    assert cfg.discovery is not None and cfg.discovery.static is not None
+    assert cfg.discovery.static["api"] == [
+        EndpointSpec(address=Address("127.0.0.1", 15001)),
+        EndpointSpec(address=Address("127.0.0.1", 15011), weight=2),
+    ]
+
+
+def test_defaults() -> None:
+    cfg = parse(MINIMAL)
+    assert (cfg.mesh.trust_domain, cfg.mesh.namespace, cfg.mesh.datacenter) == (
+        "mesh.local",
+        "default",
+        "dc1",
+    )
+    assert cfg.service.protocol == "http"
+    assert cfg.inbound is None
+    assert cfg.upstreams == []
+    assert cfg.discovery is None
+    assert cfg.admin.bind == Address("127.0.0.1", 9901)
+    assert (cfg.log.level, cfg.log.access_log) == ("info", True)
+    assert cfg.shutdown.drain_timeout == 15.0
+
+    inbound = InboundSettings()
+    assert (inbound.bind, inbound.tls, inbound.allow) == (Address("0.0.0.0", 15000), "mutual", [])
+    assert Timeouts() == Timeouts(connect=1.0, request_headers=10.0, request=15.0, idle=3600.0)
+    assert Limits() == Limits(max_connections=10000, max_header_bytes=65536, max_header_count=100)
+    assert Limits().max_body_bytes is None
+    assert dump_config(cfg) == {
+        "mesh": {"trust_domain": "mesh.local", "namespace": "default", "datacenter": "dc1"},
+        "service": {"name": "web", "app": "127.0.0.1:8080", "protocol": "http"},
+        "inbound": None,
+        "upstreams": [],
+        "discovery": None,
+        "admin": {"bind": "127.0.0.1:9901"},
+        "log": {"level": "info", "access_log": True},
+        "shutdown": {"drain_timeout": "15s"},
+    }
+
+
+def test_upstream_defaults_are_dumped_in_their_compact_forms() -> None:
+    cfg = parse(
+        MINIMAL + "upstreams: [{service: api, bind: 127.0.0.1:9001, tls: off}]\n"
+        "discovery: {static: {api: [127.0.0.1:15001]}}\n"
+    )
+    upstream = dump_config(cfg)["upstreams"][0]
+    assert upstream == {
+        "service": "api",
+        "bind": "127.0.0.1:9001",
+        "protocol": "http",
+        "tls": "off",
+        "timeouts": {"connect": "1s", "request_headers": "10s", "request": "15s", "idle": "1h"},
+        "limits": {
+            "max_connections": 10000,
+            "max_header_bytes": "64KiB",
+            "max_header_count": 100,
+            "max_body_bytes": None,
+        },
+        "pool": {"max_idle_per_endpoint": 64, "idle_timeout": "1m"},
+        "balancer": {"policy": "round_robin"},
+    }
+
+
+def test_models_are_frozen_and_reject_unknown_fields() -> None:
+    cfg = parse(MINIMAL)
+    with pytest.raises(pydantic.ValidationError):
+        cfg.service.name = "other"  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError):
+        Timeouts(conect=1.0)  # type: ignore[call-arg]
+
+
+# --- durations, sizes, addresses ---
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("250ms", 0.25),
+        ("1s", 1.0),
+        ("1.5s", 1.5),
+        ("2m", 120.0),
+        ("1h", 3600.0),
+        ("1h30m", 5400.0),
+        ("1m30s", 90.0),
+        ("0s", 0.0),
+        ("0", 0.0),
+        ("10", 10.0),
+        ("0.5", 0.5),
+        (7, 7.0),
+        (2.5, 2.5),
+        (0, 0.0),
+    ],
+)
+def test_duration_forms(text: str | float, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+    assert Timeouts(connect=text).connect == seconds  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0, "0s"),
+        (0.25, "250ms"),
+        (1.0, "1s"),
+        (1.5, "1.5s"),
+        (90.0, "1m30s"),
+        (120.0, "2m"),
+        (3600.0, "1h"),
+        (5400.0, "1h30m"),
+        (0.0005, "0.0005s"),
+    ],
+)
+def test_duration_is_written_compactly(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+@given(st.integers(min_value=0, max_value=10**12))
+def test_duration_text_reads_back(micros: int) -> None:
+    seconds = micros / 1_000_000
+    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("-1s", "duration must not be negative (got '-1s')"),
+        ("-3", "duration must not be negative (got -3)"),
+        ("1x", "invalid duration '1x' (use e.g. 250ms, 1.5s, 2m, 1h30m or a number of seconds)"),
+        ("1h-30m", "invalid duration '1h-30m' (use e.g. 250ms, 1.5s, 2m, 1h30m or a number of seconds)"),
+        ("''", "invalid duration '' (use e.g. 250ms, 1.5s, 2m, 1h30m or a number of seconds)"),
+        ("true", "expected a duration, use e.g. 250ms, 1.5s, 2m, 1h30m or a number of seconds (got true)"),
+    ],
+)
+def test_bad_durations(value: str, message: str) -> None:
+    assert errors_of(MINIMAL + f"shutdown: {{drain_timeout: {value}}}\n") == [
+        f"sidecar.yaml: shutdown.drain_timeout: {message}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("64KiB", 65536),
+        ("10MiB", 10 << 20),
+        ("1GiB", 1 << 30),
+        ("1000", 1000),
+        (1000, 1000),
+        ("1.5KiB", 1536),
+    ],
+)
+def test_size_forms(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+    assert Limits(max_body_bytes=text).max_body_bytes == size  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("size", "text"), [(65536, "64KiB"), (10 << 20, "10MiB"), (1 << 30, "1GiB"), (1000, "1000B"), (0, "0B")]
+)
+def test_size_is_written_in_the_largest_unit(size: int, text: str) -> None:
+    assert format_size(size) == text
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("10MB", "invalid size '10MB' (use a number of bytes or KiB, MiB, GiB, e.g. 64KiB)"),
+        ("-1", "size must not be negative (got '-1')"),
+        ("0.5B", "size '0.5B' is not a whole number of bytes"),
+        ("0", "must be at least 1 (got '0')"),
+    ],
+)
+def test_bad_sizes(value: str, message: str) -> None:
+    text = MINIMAL + f"inbound: {{tls: off, limits: {{max_header_bytes: '{value}'}}}}\n"
+    assert errors_of(text) == [f"sidecar.yaml: inbound.limits.max_header_bytes: {message}"]
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("127.0.0.1:80", Address("127.0.0.1", 80)),
+        ("localhost:8080", Address("localhost", 8080)),
+        ("0.0.0.0:0", Address("0.0.0.0", 0)),
+        ("[::1]:80", Address("::1", 80)),
+        ("[::]:65535", Address("::", 65535)),
+    ],
+)
+def test_address_forms(text: str, address: Address) -> None:
+    assert parse(f"service: {{name: web, app: '{text}'}}").service.app == address
+    assert str(address) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("'127.0.0.1:99999'", "port 99999 out of range"),
+        ("127.0.0.1", "expected host:port (got '127.0.0.1')"),
+        ("8080", "expected host:port (got 8080)"),
+        ("':8080'", "expected host:port, the host is empty (got ':8080')"),
+        ("'::1:80'", "put IPv6 addresses in brackets, e.g. [::1]:80 (got '::1:80')"),
+        ("'[::1]80'", "expected [ipv6]:port (got '[::1]80')"),
+        ("'[nope]:80'", "invalid IPv6 address 'nope'"),
+        ("'web:http'", "expected host:port, 'http' is not a port number"),
+        ("'my host:80'", "invalid host 'my host'"),
+    ],
+)
+def test_bad_addresses(value: str, message: str) -> None:
+    assert errors_of(f"service: {{name: web, app: {value}}}") == [f"sidecar.yaml: service.app: {message}"]
+
+
+# --- broken configs: one exact line each ---
+
+
+@pytest.mark.parametrize(
+    ("fixture", "expected"),
+    [
+        ("broken-port.yaml", ["upstreams[1].bind: port 99999 out of range"]),
+        (
+            "broken-unknown-key.yaml",
+            [
+                "upstreams[0].timeout: unknown field 'timeout' "
+                "(allowed: service, bind, protocol, tls, timeouts, limits, pool, balancer)"
+            ],
+        ),
+        ("broken-protocol.yaml", ["upstreams[0].protocol: must be one of: 'http', 'tcp' (got 'udp')"]),
+        (
+            "broken-duplicate-bind.yaml",
+            ["upstreams[1].bind: 127.0.0.1:9001 is already used by upstreams[0].bind"],
+        ),
+        ("broken-missing-discovery.yaml", ["discovery: required when upstreams are configured"]),
+        ("broken-yaml-syntax.yaml", ["line 3, column 8: mapping values are not allowed here"]),
+        (
+            "broken-tls-mutual.yaml",
+            [
+                "inbound.tls: mutual TLS needs the mesh CA, which this version does not have yet; "
+                "set tls: off to run a plaintext mesh hop (local trials only)"
+            ],
+        ),
+        (
+            "broken-static-missing-service.yaml",
+            ["upstreams[1].service: no endpoints for 'db' in discovery.static"],
+        ),
+    ],
+)
+def test_broken_fixture(in_fixtures: Path, fixture: str, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(fixture)
+    assert caught.value.errors == [f"{fixture}: {line}" for line in expected]
+    assert str(caught.value) == "\n".join(caught.value.errors)
+
+
+def test_error_prefix_is_the_path_as_given() -> None:
+    path = FIXTURES / "broken-port.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.errors == [f"{path}: upstreams[1].bind: port 99999 out of range"]
+
+
+def test_every_problem_is_reported() -> None:
+    text = """
+mesh: {colour: blue}
+service: {name: Web_1, app: 127.0.0.1:8080, protocol: udp}
+inbound: {tls: false, allow: [Frontend], limits: {max_connections: 0}}
+log: {access_log: maybe}
+"""
+    assert errors_of(text) == [
+        "sidecar.yaml: mesh.colour: unknown field 'colour' (allowed: trust_domain, namespace, datacenter)",
+        f"sidecar.yaml: service.name: invalid service name 'Web_1': {NAME_RULE}",
+        "sidecar.yaml: service.protocol: must be one of: 'http', 'tcp' (got 'udp')",
+        "sidecar.yaml: inbound.tls: must be one of: 'mutual', 'off' (got false)",
+        "sidecar.yaml: inbound.allow[0]: expected a service name or a spiffe:// ID (got 'Frontend')",
+        "sidecar.yaml: inbound.limits.max_connections: must be at least 1 (got 0)",
+        "sidecar.yaml: log.access_log: must be true or false (got 'maybe')",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", ["the top level must be a mapping of settings (got an empty document)"]),
+        ("- web\n", ["the top level must be a mapping of settings (got a list)"]),
+        ("service: {}\n", ["service.name: required field missing", "service.app: required field missing"]),
+        ("{}", ["service: required field missing"]),
+        (
+            MINIMAL + "colour: blue\n",
+            [
+                "colour: unknown field 'colour' "
+                "(allowed: mesh, service, inbound, upstreams, discovery, admin, log, shutdown)"
+            ],
+        ),
+        ("service: {name: web, name: api, app: 127.0.0.1:1}\n", ["line 1, column 22: duplicate key 'name'"]),
+        ("service: [web]\n", ["service: must be a mapping (got a list)"]),
+        (MINIMAL + "upstreams:\n", ["upstreams: must be a list (got null)"]),
+        (MINIMAL + "discovery: {}\n", ["discovery: set exactly one of: static, file"]),
+        (
+            MINIMAL + "discovery: {file: r.yaml, static: {}}\n",
+            ["discovery: set exactly one of: static, file"],
+        ),
+        (
+            MINIMAL + "discovery: {static: {API: [127.0.0.1:1]}}\n",
+            [f"discovery.static.API: invalid service name 'API': {NAME_RULE}"],
+        ),
+        (
+            MINIMAL + "discovery: {static: {api: [{address: 127.0.0.1:1, weight: 1001}]}}\n",
+            ["discovery.static.api[0].weight: must be at most 1000 (got 1001)"],
+        ),
+        (
+            MINIMAL + "upstreams: [{service: api, bind: 127.0.0.1:1, tls: off, balancer: {policy: p2c}}]\n"
+            "discovery: {file: r.yaml}\n",
+            ["upstreams[0].balancer.policy: must be one of: 'round_robin' (got 'p2c')"],
+        ),
+        (
+            MINIMAL + "inbound: {tls: off, allow: ['spiffe://']}\n",
+            ["inbound.allow[0]: invalid SPIFFE ID 'spiffe://': expected spiffe://<trust-domain>/<path>"],
+        ),
+        (
+            "mesh: {trust_domain: Mesh.Local}\n" + MINIMAL,
+            [
+                "mesh.trust_domain: invalid trust domain 'Mesh.Local': "
+                "use lowercase letters, digits, '.', '-' and '_'"
+            ],
+        ),
+    ],
+)
+def test_error_wording(text: str, expected: list[str]) -> None:
+    assert errors_of(text) == [f"sidecar.yaml: {line}" for line in expected]
+
+
+def test_cross_field_checks_name_the_offending_field() -> None:
+    text = """
+service: {name: web, app: 127.0.0.1:8080}
+inbound: {bind: 0.0.0.0:9001, tls: off}
+upstreams:
+  - {service: api, bind: 127.0.0.1:9001, tls: off}
+  - {service: api, bind: 127.0.0.1:9002}
+  - {service: db, bind: 127.0.0.1:9901, tls: off}
+"""
+    assert errors_of(text) == [
+        "sidecar.yaml: upstreams[1].service: 'api' is already configured by upstreams[0]",
+        "sidecar.yaml: upstreams[0].bind: 127.0.0.1:9001 overlaps 0.0.0.0:9001 used by inbound.bind",
+        "sidecar.yaml: admin.bind: 127.0.0.1:9901 is already used by upstreams[2].bind",
+        "sidecar.yaml: discovery: required when upstreams are configured",
+        f"sidecar.yaml: upstreams[1].tls: {MUTUAL_TLS_UNAVAILABLE}",
+    ]
+
+
+def test_port_zero_binds_never_collide() -> None:
+    cfg = parse(
+        MINIMAL + "inbound: {bind: 0.0.0.0:0, tls: off}\nadmin: {bind: 127.0.0.1:0}\n"
+        "upstreams: [{service: api, bind: 127.0.0.1:0, tls: off}]\ndiscovery: {file: r.yaml}\n"
+    )
+    assert cfg.admin.bind.port == 0
+
+
+def test_mutual_tls_is_refused_for_now() -> None:
+    text = (
+        MINIMAL
+        + "inbound: {}\nupstreams: [{service: api, bind: 127.0.0.1:9001}]\ndiscovery: {file: r.yaml}\n"
+    )
+    assert errors_of(text) == [
+        f"sidecar.yaml: inbound.tls: {MUTUAL_TLS_UNAVAILABLE}",
+        f"sidecar.yaml: upstreams[0].tls: {MUTUAL_TLS_UNAVAILABLE}",
+    ]
+
+
+def test_direct_model_validation_still_names_paths() -> None:
+    with pytest.raises(pydantic.ValidationError, match=r"discovery: required when upstreams are configured"):
+        SidecarConfig.model_validate(
+            {
+                "service": {"name": "web", "app": "127.0.0.1:8080"},
+                "upstreams": [{"service": "api", "bind": "127.0.0.1:9001", "tls": "off"}],
+            }
+        )
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_config(missing)
+    assert caught.value.errors == [f"{missing}: cannot read file: No such file or directory"]
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError) as caught:
+        load_config(binary)
+    assert caught.value.errors == [f"{binary}: cannot read file: it is not UTF-8 text"]
+
+
+# --- registry files ---
+
+
+def test_registry_file() -> None:
+    registry = load_registry(FIXTURES / "registry.yaml")
+    assert registry.services["api"] == [
+        EndpointSpec(address=Address("127.0.0.1", 15001), weight=3, tags=("v1",), meta={"zone": "a"}),
+        EndpointSpec(address=Address("127.0.0.1", 15011)),
+    ]
+    assert registry.services["db"] == [EndpointSpec(address=Address("127.0.0.1", 15002))]
+
+
+def test_registry_file_may_be_json(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({"services": {"api": [{"address": "[::1]:15001", "tags": ["v2"]}]}}))
+    assert load_registry(path).services["api"][0] == EndpointSpec(address=Address("::1", 15001), tags=("v2",))
+
+
+def test_broken_registry(in_fixtures: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_registry("broken-registry.yaml")
+    assert caught.value.errors == [
+        "broken-registry.yaml: services.api[0].weight: must be at least 1 (got 0)",
+        "broken-registry.yaml: services.api[1].address: expected host:port (got 'localhost')",
+    ]
+
+
+# --- redaction ---
+
+
+def test_redact_hides_secret_values_only() -> None:
+    data = {
+        "identity": {"ca": {"url": "https://ca:8400", "token_file": "web.token", "password": None}},
+        "list": [{"client_secret": "s3cret", "name": "x"}],
+        "files": {"key_file": "key.pem", "cert": "cert.pem"},
+        "max_idle_per_endpoint": 64,
+    }
+    assert redact(data) == {
+        "identity": {"ca": {"url": "https://ca:8400", "token_file": "<redacted>", "password": None}},
+        "list": [{"client_secret": "<redacted>", "name": "x"}],
+        "files": {"key_file": "<redacted>", "cert": "cert.pem"},
+        "max_idle_per_endpoint": 64,
+    }
+    assert data["files"]["key_file"] == "key.pem"  # the input is left alone
