@@ -1,0 +1,164 @@
+"""A cluster: one upstream's endpoints from discovery, its balancer and its pool of upstream connections."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import select
+import socket
+
+import structlog
+import trio
+
+from mesh.balancer import make_balancer
+from mesh.config import BalancerSettings, PoolSettings
+from mesh.discovery import Endpoint, EndpointSet
+from mesh.errors import CONNECT_TIMEOUT, MeshError, no_endpoints
+from mesh.metrics import Metrics
+from mesh.pool import IdlePool
+from mesh.watch import Watch
+
+log = structlog.get_logger("mesh.cluster")
+
+
+class UpstreamConnection:
+    """One transport connection to an endpoint, owned by whoever holds it (the pool while idle)."""
+
+    __slots__ = ("endpoint", "fd", "requests", "stream")
+
+    def __init__(self, stream: trio.SocketStream, endpoint: Endpoint) -> None:
+        self.stream = stream
+        self.endpoint = endpoint
+        self.fd = stream.socket.fileno()
+        self.requests = 0
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection {self.endpoint} fd={self.fd} requests={self.requests}>"
+
+    def close(self) -> None:
+        """Close at once, without a TLS or HTTP goodbye (the connection carries no request)."""
+        self.stream.socket.close()
+
+    def idle_and_open(self) -> bool:
+        """False if the upstream closed the connection (or sent unsolicited bytes) while it sat idle."""
+        try:
+            readable, _, _ = select.select((self.fd,), (), (), 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+
+class Cluster:
+    """Picks endpoints for one upstream and lends out connections to them.
+
+    The endpoint set comes from a discovery watch; the latest value is read on every pick, so an update
+    applies to the next request. Connections are returned with `release`; only a connection whose exchange
+    completed cleanly may be reused."""
+
+    def __init__(
+        self,
+        name: str,
+        endpoints: Watch[EndpointSet | None],
+        *,
+        balancer: BalancerSettings,
+        pool: PoolSettings,
+        connect_timeout: float,
+        metrics: Metrics,
+    ) -> None:
+        self.name = name
+        self.endpoints = endpoints
+        self.balancer = make_balancer(balancer)
+        self.connect_timeout = connect_timeout
+        self.metrics = metrics
+        self.pool: IdlePool[UpstreamConnection] = IdlePool(
+            max_idle_per_endpoint=pool.max_idle_per_endpoint,
+            idle_timeout=pool.idle_timeout,
+            is_usable=UpstreamConnection.idle_and_open,
+        )
+
+    def __repr__(self) -> str:
+        current = self.endpoints.value
+        count = len(current.endpoints) if current else None
+        return f"<Cluster {self.name} endpoints={count} {self.pool!r}>"
+
+    def pick(self) -> Endpoint:
+        current = self.endpoints.value
+        if current is None:
+            raise no_endpoints(resolved=False)
+        endpoint = self.balancer.pick(current.endpoints)
+        if endpoint is None:
+            raise no_endpoints(resolved=True)
+        return endpoint
+
+    def take_idle(self, endpoint: Endpoint) -> UpstreamConnection | None:
+        conn, to_close, stale = self.pool.take(endpoint.key, trio.current_time())
+        for c in to_close:
+            c.close()
+        if stale:
+            self.metrics.upstream_conn(self.name, "stale")
+        if conn is not None:
+            self.metrics.upstream_conn(self.name, "reused")
+        return conn
+
+    async def connect(self, endpoint: Endpoint) -> UpstreamConnection:
+        """Open a new connection; MeshError 502/504 with the reason when that fails."""
+        with trio.move_on_after(self.connect_timeout) as scope:
+            try:
+                stream = await _open_stream(endpoint.host, endpoint.port)
+            except OSError as exc:
+                raise _connect_error(exc) from None
+        if scope.cancelled_caught:
+            raise CONNECT_TIMEOUT
+        self.metrics.upstream_conn(self.name, "opened")
+        return UpstreamConnection(stream, endpoint)
+
+    def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
+        if not reusable:
+            conn.close()
+            return
+        for c in self.pool.put(conn.endpoint.key, conn, trio.current_time()):
+            c.close()
+
+    async def maintain(self) -> None:
+        """Expire idle connections and drop those to endpoints that left discovery; runs until cancelled."""
+        version = self.endpoints.version
+        interval = max(0.5, min(self.pool.idle_timeout / 2, 30.0))
+        try:
+            while True:
+                with trio.move_on_after(interval):
+                    current, version = await self.endpoints.wait_changed(version)
+                    keys = {e.key for e in current.endpoints} if current else set()
+                    for c in self.pool.drop(keys.__contains__):
+                        c.close()
+                for c in self.pool.expire(trio.current_time()):
+                    self.metrics.upstream_conn(self.name, "closed_idle")
+                    c.close()
+        finally:
+            for c in self.pool.clear():
+                c.close()
+
+
+async def _open_stream(host: str, port: int) -> trio.SocketStream:
+    """Connect to an IP literal directly (one socket, the error as the kernel gave it); resolve names otherwise."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+def _connect_error(exc: OSError) -> MeshError:
+    root = exc
+    while root.errno is None and isinstance(root.__cause__, OSError):
+        root = root.__cause__
+    if root.errno == errno.ECONNREFUSED:
+        return MeshError(502, "upstream connect refused")
+    if isinstance(exc, socket.gaierror):
+        return MeshError(502, f"upstream name resolution failed: {exc.strerror or exc}")
+    return MeshError(502, f"upstream connect failed: {exc.strerror or exc}")

@@ -1,0 +1,485 @@
+"""Sans-io HTTP/1.1 codec: httptools (llhttp) parsing plus the mesh's own framing and smuggling checks, and serialisation."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import httptools
+
+# Hop-by-hop headers (RFC 9110 7.6.1) plus the framing headers we always recompute ourselves.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+    }
+)
+MESH_PREFIX = b"x-mesh-"
+# Connection tokens that only steer this hop and never name another header to strip.
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+# Response statuses that never carry a body, whatever their framing headers say.
+_BODYLESS_STATUS = frozenset({204, 304})
+
+
+class ProtocolError(Exception):
+    """A message that must not be forwarded: answer `status` with `reason` (requests) and close the connection."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A validated request head. `headers` are the end-to-end headers (lower-case names, hop-by-hop and
+    `x-mesh-*` removed); `mesh_headers` holds the `x-mesh-*` headers that arrived."""
+
+    method: bytes
+    target: bytes
+    http10: bool
+    headers: list[tuple[bytes, bytes]]
+    mesh_headers: list[tuple[bytes, bytes]]
+    keep_alive: bool
+    has_body: bool
+    chunked: bool
+    content_length: int | None
+    expect_continue: bool
+    upgrade: bytes | None
+    authority: bytes
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """A validated response head; `headers` as in RequestHead. `informational` marks a 1xx (other than 101)."""
+
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool
+    chunked: bool
+    content_length: int | None
+    until_close: bool  # body ends when the upstream closes the connection
+    has_body: bool
+    informational: bool
+    upgrade: bool  # a 101 Switching Protocols: the connection becomes an opaque byte stream
+
+
+@dataclass(frozen=True, slots=True)
+class Trailers:
+    """Trailer fields that followed a chunked body."""
+
+    headers: list[tuple[bytes, bytes]]
+
+
+class EndOfMessage:
+    """The message is complete."""
+
+    __slots__ = ()
+
+
+END = EndOfMessage()
+
+
+def _split_headers(
+    raw: list[tuple[bytes, bytes]],
+) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
+    """Split raw (name, value) pairs into end-to-end headers, x-mesh-* headers and the framing headers we read."""
+    end_to_end: list[tuple[bytes, bytes]] = []
+    mesh: list[tuple[bytes, bytes]] = []
+    framing: dict[bytes, list[bytes]] = {}
+    for name, value in raw:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname == b"host" or lname == b"expect":
+            framing.setdefault(lname, []).append(value)
+            if lname == b"host":
+                end_to_end.append((lname, value))
+        elif lname.startswith(MESH_PREFIX):
+            mesh.append((lname, value))
+        else:
+            end_to_end.append((lname, value))
+    connection = framing.get(b"connection")
+    if connection:
+        named = {t.strip().lower() for v in connection for t in v.split(b",")} - _CONNECTION_OPTIONS
+        named.discard(b"")
+        if named:
+            end_to_end = [(n, v) for n, v in end_to_end if n not in named or n == b"host"]
+    return end_to_end, mesh, framing
+
+
+def _connection_tokens(framing: dict[bytes, list[bytes]]) -> set[bytes]:
+    values = framing.get(b"connection")
+    if not values:
+        return set()
+    return {t.strip().lower() for v in values for t in v.split(b",")}
+
+
+def _content_length(values: list[bytes] | None, *, status: int) -> int | None:
+    if values is None:
+        return None
+    if len(values) != 1:
+        raise ProtocolError(status, "duplicate Content-Length")
+    value = values[0]
+    if not value.isdigit() or len(value) > 18:
+        raise ProtocolError(status, "malformed Content-Length")
+    return int(value)
+
+
+def _transfer_chunked(values: list[bytes] | None, *, status: int) -> bool:
+    """True for exactly `Transfer-Encoding: chunked`; anything else is refused."""
+    if values is None:
+        return False
+    if len(values) != 1 or values[0].strip().lower() != b"chunked":
+        raise ProtocolError(status, "unsupported Transfer-Encoding (only 'chunked' is accepted)")
+    return True
+
+
+class _Reader:
+    """Shared httptools callback plumbing: collects events into a queue, enforces header limits."""
+
+    __slots__ = (
+        "_body_limit",
+        "_body_seen",
+        "_error_status",
+        "_head_bytes",
+        "_head_fed",
+        "in_head",
+        "_max_header_bytes",
+        "_max_header_count",
+        "_parser",
+        "_raw_headers",
+        "_url",
+        "events",
+        "upgraded_data",
+    )
+
+    def __init__(self, max_header_bytes: int, max_header_count: int, error_status: int) -> None:
+        self._max_header_bytes = max_header_bytes
+        self._max_header_count = max_header_count
+        self._error_status = error_status
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._url = b""
+        self.in_head = False
+        self._head_bytes = 0
+        self._head_fed = 0
+        self._body_limit: int | None = None
+        self._body_seen = 0
+        self.events: deque[object] = deque()
+        self.upgraded_data: bytes | None = None
+
+    # -- httptools callbacks -------------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._raw_headers = []
+        self._url = b""
+        self.in_head = True
+        self._head_bytes = 0
+        self._head_fed = 0
+        self._body_seen = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._raw_headers
+        headers.append((name, value))
+        self._head_bytes += len(name) + len(value) + 4
+        if self.in_head:
+            if len(headers) > self._max_header_count:
+                raise ProtocolError(431 if self._error_status == 400 else 502, "too many header fields")
+            if self._head_bytes > self._max_header_bytes:
+                raise ProtocolError(431 if self._error_status == 400 else 502, "header block too large")
+
+    def on_body(self, body: bytes) -> None:
+        if self._body_limit is not None:
+            self._body_seen += len(body)
+            if self._body_seen > self._body_limit:
+                raise ProtocolError(413, "request body too large")
+        self.events.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._raw_headers and not self.in_head:
+            self.events.append(Trailers(_split_headers(self._raw_headers)[0]))
+        self.events.append(END)
+
+    # -- feeding -------------------------------------------------------------------------------------------
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, ProtocolError):
+                raise cause from None
+            raise
+        except httptools.HttpParserUpgrade as exc:
+            self.upgraded_data = data[exc.args[0] :]
+        except httptools.HttpParserError as exc:
+            if "Invalid `Transfer-Encoding`" in str(exc) and self._error_status == 400:
+                raise ProtocolError(501, "unsupported Transfer-Encoding (only 'chunked' is accepted)") from None
+            raise ProtocolError(self._error_status, f"malformed HTTP/1.1: {exc}") from None
+        if self.in_head:
+            # llhttp buffers a header it has not finished yet; a head that never ends is refused here.
+            self._head_fed += len(data)
+            if self._head_fed > self._max_header_bytes * 2:
+                raise ProtocolError(431 if self._error_status == 400 else 502, "header block too large")
+
+    def next_event(self) -> object | None:
+        """The next parsed event (a head, body `bytes`, Trailers, END), or None when more data is needed."""
+        events = self.events
+        return events.popleft() if events else None
+
+
+class RequestReader(_Reader):
+    """Parses a stream of requests from one downstream connection and validates each head.
+
+    Raises ProtocolError from `feed` for anything that must not be forwarded; the caller answers
+    `exc.status` and closes the connection, because the stream can no longer be framed safely."""
+
+    __slots__ = ()
+
+    def __init__(
+        self, *, max_header_bytes: int = 65536, max_header_count: int = 100, max_body_bytes: int | None = None
+    ) -> None:
+        super().__init__(max_header_bytes, max_header_count, 400)
+        self._body_limit = max_body_bytes
+        self._parser = httptools.HttpRequestParser(self)
+
+    def feed(self, data: bytes) -> None:
+        self._feed(data)
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser = self._parser
+        version = parser.get_http_version()
+        http10 = version == "1.0"
+        if not http10 and version != "1.1":
+            raise ProtocolError(505, f"HTTP version {version} is not supported")
+        method = parser.get_method()
+        if method == b"CONNECT":
+            raise ProtocolError(405, "CONNECT is not supported")
+        headers, mesh, framing = _split_headers(self._raw_headers)
+        self._raw_headers = []  # what arrives from now on are trailers
+        hosts = framing.get(b"host")
+        if hosts is None:
+            if not http10:
+                raise ProtocolError(400, "missing Host header")
+            authority = b""
+        elif len(hosts) > 1:
+            raise ProtocolError(400, "duplicate Host header")
+        else:
+            authority = hosts[0]
+        content_length = _content_length(framing.get(b"content-length"), status=400)
+        te = framing.get(b"transfer-encoding")
+        if te is not None:
+            if content_length is not None:
+                raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
+            if http10:
+                raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if len(te) != 1 or te[0].strip().lower() != b"chunked":
+                raise ProtocolError(501, "unsupported Transfer-Encoding (only 'chunked' is accepted)")
+        chunked = te is not None
+        if content_length is not None and self._body_limit is not None and content_length > self._body_limit:
+            raise ProtocolError(413, "request body too large")
+        tokens = _connection_tokens(framing)
+        keep_alive = (b"keep-alive" in tokens) if http10 else (b"close" not in tokens)
+        expect = framing.get(b"expect")
+        expect_continue = False
+        if expect is not None:
+            if len(expect) != 1 or expect[0].strip().lower() != b"100-continue":
+                raise ProtocolError(417, "unsupported Expect")
+            expect_continue = not http10
+        upgrade = None
+        upgrades = framing.get(b"upgrade")
+        if upgrades and b"upgrade" in tokens and not http10:
+            upgrade = upgrades[0]
+        self.events.append(
+            RequestHead(
+                method=method,
+                target=self._url,
+                http10=http10,
+                headers=headers,
+                mesh_headers=mesh,
+                keep_alive=keep_alive,
+                has_body=chunked or bool(content_length),
+                chunked=chunked,
+                content_length=content_length,
+                expect_continue=expect_continue,
+                upgrade=upgrade,
+                authority=authority,
+            )
+        )
+
+
+class ResponseReader(_Reader):
+    """Parses the response(s) to one request from an upstream connection (1xx heads, then the final response).
+
+    A new reader is made per request because llhttp cannot be told that a response answers HEAD
+    (MagicStack/httptools#47): for HEAD only the head is fed, and the body framing is decided here."""
+
+    __slots__ = ("_head_buffer", "_head_only", "_informational", "_until_close_open")
+
+    def __init__(self, *, request_method: bytes, max_header_bytes: int = 65536, max_header_count: int = 100) -> None:
+        super().__init__(max_header_bytes, max_header_count, 502)
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_only = request_method == b"HEAD"
+        self._head_buffer = b""
+        self._until_close_open = False
+        self._informational = False
+
+    def feed(self, data: bytes) -> None:
+        if not self._head_only:
+            self._feed(data)
+            return
+        # HEAD: feed heads only, up to and including the blank line of the final (non-1xx) head.
+        buffer = self._head_buffer + data
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > self._max_header_bytes:
+                    raise ProtocolError(502, "header block too large")
+                self._head_buffer = buffer
+                return
+            head, buffer = buffer[: end + 4], buffer[end + 4 :]
+            before = len(self.events)
+            self._feed(head)
+            last = self.events[-1] if len(self.events) > before else None
+            if isinstance(last, ResponseHead) and not last.informational:
+                if buffer:
+                    raise ProtocolError(502, "unexpected bytes after a response to HEAD")
+                self.events.append(END)
+                self._head_only = False
+                self._head_buffer = b""
+                self._parser = None  # nothing may follow on this reader
+                return
+
+    def feed_eof(self) -> None:
+        """The upstream closed the connection: completes a close-delimited body, else the response is truncated."""
+        if not self._until_close_open:
+            raise ProtocolError(502, "upstream closed the connection mid-response")
+        self._until_close_open = False
+        self.events.append(END)
+
+    def on_status(self, status: bytes) -> None:
+        self._url += status
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser = self._parser
+        status = parser.get_status_code()
+        headers, mesh, framing = _split_headers(self._raw_headers)
+        self._raw_headers = []  # what arrives from now on are trailers
+        # x-mesh-* on a response travel back to the caller: they carry the far side's mesh errors.
+        headers += mesh
+        informational = 100 <= status < 200 and status != 101
+        self._informational = informational
+        upgrade = status == 101
+        content_length = _content_length(framing.get(b"content-length"), status=502)
+        chunked = _transfer_chunked(framing.get(b"transfer-encoding"), status=502)
+        if chunked and content_length is not None:
+            raise ProtocolError(502, "both Content-Length and Transfer-Encoding in a response")
+        version = parser.get_http_version()
+        tokens = _connection_tokens(framing)
+        keep_alive = (b"keep-alive" in tokens) if version == "1.0" else (b"close" not in tokens)
+        if self._head_only or informational or upgrade or status in _BODYLESS_STATUS:
+            has_body = False
+            until_close = False
+        else:
+            until_close = not chunked and content_length is None
+            has_body = chunked or until_close or bool(content_length)
+        if until_close:
+            keep_alive = False
+            self._until_close_open = True
+        if upgrade and framing.get(b"upgrade"):
+            headers.append((b"connection", b"upgrade"))
+            headers.append((b"upgrade", framing[b"upgrade"][0]))
+        if self._head_only and content_length is not None:
+            # A HEAD response's Content-Length describes the body a GET would get: pass it on as is.
+            headers.append((b"content-length", framing[b"content-length"][0]))
+        elif status == 304 and content_length is not None:
+            headers.append((b"content-length", framing[b"content-length"][0]))
+        self.events.append(
+            ResponseHead(
+                status=status,
+                reason=self._url,
+                headers=headers,
+                keep_alive=keep_alive,
+                chunked=chunked,
+                content_length=None if self._head_only or status == 304 else content_length,
+                until_close=until_close,
+                has_body=has_body,
+                informational=informational,
+                upgrade=upgrade,
+            )
+        )
+        self._url = b""
+
+    def on_message_complete(self) -> None:
+        self._until_close_open = False
+        if self._informational:
+            self._informational = False  # a 1xx is followed by the final response on the same reader
+            return
+        super().on_message_complete()
+
+
+# -- serialisation ---------------------------------------------------------------------------------------------
+
+
+def serialize_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """Header lines, each `name: value\\r\\n`, from already validated pairs (parsed input is CR/LF/NUL-free)."""
+    return b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+
+
+def request_head_bytes(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, serialize_headers(headers))
+
+
+def response_head_bytes(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, serialize_headers(headers))
+
+
+def chunk_bytes(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def last_chunk_bytes(trailers: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    if not trailers:
+        return b"0\r\n\r\n"
+    return b"0\r\n" + serialize_headers(trailers) + b"\r\n"
+
+
+def simple_response(
+    status: int, reason: str, body: bytes, headers: list[tuple[bytes, bytes]] | None = None, *, close: bool = False
+) -> bytes:
+    """A complete response with a Content-Length body, used for responses the mesh makes itself."""
+    all_headers = list(headers or ())
+    all_headers.append((b"content-length", b"%d" % len(body)))
+    if close:
+        all_headers.append((b"connection", b"close"))
+    return response_head_bytes(status, reason.encode("latin-1"), all_headers) + body
+
+
+REASONS = {
+    100: "Continue",
+    101: "Switching Protocols",
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    417: "Expectation Failed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}

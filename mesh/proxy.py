@@ -1,0 +1,609 @@
+"""The HTTP/1.1 reverse proxy: one downstream connection's requests forwarded to a cluster, bodies streamed."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from mesh import http1
+from mesh.cluster import Cluster, UpstreamConnection
+from mesh.config import Limits, Timeouts
+from mesh.errors import REQUEST_TIMEOUT, MeshError
+from mesh.http1 import END, ProtocolError, RequestHead, RequestReader, ResponseHead, ResponseReader, Trailers
+from mesh.listener import Drain
+from mesh.log import AccessLog
+from mesh.metrics import Metrics
+from mesh.tcp import splice
+
+log = structlog.get_logger("mesh.proxy")
+
+READ_SIZE = 65536
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_EMPTY_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class DownstreamGone(Exception):
+    """The client closed its connection before its request was complete."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpProxySettings:
+    """What one HTTP listener does: its direction and upstream label, and the limits that apply."""
+
+    direction: str  # "outbound" (app → mesh) or "inbound" (mesh → app)
+    upstream: str  # the cluster's name, used in logs and metrics
+    timeouts: Timeouts
+    limits: Limits
+    forwarded_proto: bytes = b"http"
+
+
+class HttpProxy:
+    """Serves HTTP/1.1 downstream connections by forwarding each request to an endpoint of `cluster`.
+
+    Request and response bodies are streamed with backpressure; nothing is buffered whole. The request
+    timeout covers connecting and waiting for the response head; once the response streams, a stall
+    longer than the idle timeout aborts it. Every request gets exactly one outcome: the upstream's
+    response, a mesh error with `x-mesh-error`, or (when the response was cut) an aborted connection."""
+
+    def __init__(
+        self,
+        settings: HttpProxySettings,
+        cluster: Cluster,
+        *,
+        metrics: Metrics,
+        access_log: AccessLog,
+        drain: Drain,
+    ) -> None:
+        self.settings = settings
+        self.cluster = cluster
+        self.metrics = metrics
+        self.access_log = access_log
+        self.drain = drain
+
+    def __repr__(self) -> str:
+        return f"<HttpProxy {self.settings.direction} {self.settings.upstream} {self.cluster!r}>"
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """Serve one downstream connection until it closes; the listener closes `stream` afterwards."""
+        self.metrics.connection_opened(self.settings.direction, self.settings.upstream)
+        try:
+            await _Downstream(self, stream).serve()
+        finally:
+            self.metrics.connection_closed(self.settings.direction, self.settings.upstream)
+
+
+class _Exchange:
+    """Book-keeping for one request: what was sent and received, for the access log and the reuse decision."""
+
+    __slots__ = (
+        "endpoint",
+        "mesh_error",
+        "request_done",
+        "request_id",
+        "response_started",
+        "rx",
+        "status",
+        "tx",
+    )
+
+    def __init__(self) -> None:
+        self.endpoint = ""
+        self.mesh_error = ""
+        self.request_done = False  # the whole request body was read from downstream
+        self.request_id = b""
+        self.response_started = False  # bytes of the final response went downstream
+        self.rx = 0
+        self.tx = 0
+        self.status = 0
+
+
+class _Downstream:
+    """One downstream connection: a loop of request → response exchanges."""
+
+    __slots__ = ("limits", "peer_ip", "proxy", "reader", "stream", "timeouts")
+
+    def __init__(self, proxy: HttpProxy, stream: trio.SocketStream) -> None:
+        self.proxy = proxy
+        self.stream = stream
+        self.timeouts = proxy.settings.timeouts
+        self.limits = limits = proxy.settings.limits
+        self.reader = RequestReader(
+            max_header_bytes=limits.max_header_bytes,
+            max_header_count=limits.max_header_count,
+            max_body_bytes=limits.max_body_bytes,
+        )
+        try:
+            self.peer_ip = stream.socket.getpeername()[0].encode()
+        except OSError:
+            self.peer_ip = b""
+
+    async def serve(self) -> None:
+        while True:
+            try:
+                head = await self._next_head()
+            except ProtocolError as exc:
+                self._rejected(exc)
+                await self._send_error_quietly(exc.status, exc.reason)
+                return
+            if head is None:
+                return
+            if not await self._exchange(head):
+                return
+
+    def _rejected(self, exc: ProtocolError) -> None:
+        settings = self.proxy.settings
+        self.proxy.metrics.request_done(settings.direction, settings.upstream, exc.status, 0.0, 0, 0)
+        self.proxy.metrics.error(settings.direction, settings.upstream, exc.reason)
+        log.info(
+            "request rejected",
+            direction=settings.direction,
+            upstream=settings.upstream,
+            status=exc.status,
+            reason=exc.reason,
+            peer=self.peer_ip.decode(),
+        )
+
+    # -- reading from downstream ---------------------------------------------------------------------------
+    async def _next_head(self) -> RequestHead | None:
+        """The next request head, or None when the connection should close (EOF, idle timeout, drain)."""
+        reader = self.reader
+        event = reader.next_event()
+        if event is not None:
+            return event  # a pipelined request already parsed
+        drain = self.proxy.drain
+        idle_deadline = trio.current_time() + self.timeouts.idle
+        head_deadline = None
+        while True:
+            in_head = reader.in_head
+            if in_head and head_deadline is None:
+                head_deadline = trio.current_time() + self.timeouts.request_headers
+            scope = trio.CancelScope(deadline=head_deadline if in_head else idle_deadline)
+            if not in_head:
+                drain.idle(scope)
+            try:
+                with scope:
+                    data = await self.stream.receive_some(READ_SIZE)
+            except _STREAM_ERRORS:
+                return None
+            finally:
+                drain.busy(scope)
+            if scope.cancelled_caught:
+                if in_head and not drain.draining:
+                    raise ProtocolError(408, "request header timeout")
+                return None
+            if not data:
+                if in_head:
+                    raise ProtocolError(400, "connection closed mid-request")
+                return None
+            reader.feed(data)
+            event = reader.next_event()
+            if event is not None:
+                return event
+
+    async def _body_event(self) -> object:
+        """The next request body event (bytes, Trailers or END), reading more from downstream as needed."""
+        reader = self.reader
+        event = reader.next_event()
+        while event is None:
+            with trio.move_on_after(self.timeouts.idle) as scope:
+                data = await self.stream.receive_some(READ_SIZE)
+            if scope.cancelled_caught:
+                raise DownstreamGone("request body stalled past the idle timeout")
+            if not data:
+                raise DownstreamGone("client closed mid-request")
+            reader.feed(data)
+            event = reader.next_event()
+        return event
+
+    def _available_body(self, head: RequestHead, ex: _Exchange) -> tuple[list[bytes], bool]:
+        """Request body already parsed, framed for the upstream; True if that is the whole body."""
+        if not head.has_body:
+            if self.reader.next_event() is END:
+                ex.request_done = True
+            return [], ex.request_done
+        chunked = head.chunked
+        out: list[bytes] = []
+        reader = self.reader
+        while (event := reader.next_event()) is not None:
+            if event is END:
+                if chunked:
+                    out.append(http1.last_chunk_bytes())
+                ex.request_done = True
+                return out, True
+            if type(event) is Trailers:
+                out.append(http1.last_chunk_bytes(event.headers))
+                reader.next_event()  # END follows trailers
+                ex.request_done = True
+                return out, True
+            ex.rx += len(event)
+            out.append(http1.chunk_bytes(event) if chunked else event)
+        return out, False
+
+    # -- one exchange --------------------------------------------------------------------------------------
+    async def _exchange(self, head: RequestHead) -> bool:
+        """Forward one request and its response; True if the downstream connection stays open."""
+        proxy = self.proxy
+        start = trio.current_time()
+        ex = _Exchange()
+        keep_alive = False
+        try:
+            keep_alive = await self._forward(head, ex, start)
+        except MeshError as exc:
+            ex.mesh_error = exc.reason
+            if ex.response_started:
+                keep_alive = False
+            else:
+                keep_alive = await self._send_mesh_error(exc.status, exc.reason, head, ex)
+        except ProtocolError as exc:  # the request body broke its framing or a limit mid-stream
+            ex.mesh_error = exc.reason
+            if not ex.response_started:
+                await self._send_error_quietly(exc.status, exc.reason)
+                ex.status = exc.status
+        except DownstreamGone as exc:
+            ex.mesh_error = str(exc)
+        except _STREAM_ERRORS:
+            if not ex.mesh_error:
+                ex.mesh_error = "downstream connection lost"
+        duration = trio.current_time() - start
+        settings = proxy.settings
+        if ex.status:
+            proxy.metrics.request_done(settings.direction, settings.upstream, ex.status, duration, ex.rx, ex.tx)
+        if ex.mesh_error:
+            proxy.metrics.error(settings.direction, settings.upstream, ex.mesh_error)
+        proxy.access_log.request(
+            direction=settings.direction,
+            upstream=settings.upstream,
+            method=head.method.decode("latin-1"),
+            authority=head.authority.decode("latin-1"),
+            path=head.target.decode("latin-1"),
+            status=ex.status,
+            duration_s=duration,
+            endpoint=ex.endpoint,
+            rx=ex.rx,
+            tx=ex.tx,
+            mesh_error=ex.mesh_error,
+            request_id=ex.request_id.decode("latin-1"),
+        )
+        return keep_alive
+
+    def _upstream_headers(self, head: RequestHead, ex: _Exchange) -> list[tuple[bytes, bytes]]:
+        headers = head.headers
+        xff = proto = rid = False
+        for i, (name, value) in enumerate(headers):
+            if name[0] == 120:  # b"x": only then can it be one of ours
+                if name == b"x-forwarded-for":
+                    headers[i] = (name, value + b", " + self.peer_ip)
+                    xff = True
+                elif name == b"x-forwarded-proto":
+                    proto = True
+                elif name == b"x-request-id":
+                    rid = True
+                    ex.request_id = value
+        if not xff and self.peer_ip:
+            headers.append((b"x-forwarded-for", self.peer_ip))
+        if not proto:
+            headers.append((b"x-forwarded-proto", self.proxy.settings.forwarded_proto))
+        if not rid:
+            ex.request_id = _new_request_id()
+            headers.append((b"x-request-id", ex.request_id))
+        if head.chunked:
+            headers.append((b"transfer-encoding", b"chunked"))
+        elif head.content_length is not None:
+            headers.append((b"content-length", b"%d" % head.content_length))
+        elif head.method in _EMPTY_BODY_METHODS:
+            headers.append((b"content-length", b"0"))
+        if head.expect_continue:
+            headers.append((b"expect", b"100-continue"))
+        if head.upgrade is not None:
+            headers.append((b"connection", b"upgrade"))
+            headers.append((b"upgrade", head.upgrade))
+        return headers
+
+    async def _forward(self, head: RequestHead, ex: _Exchange, start: float) -> bool:
+        proxy = self.proxy
+        cluster = proxy.cluster
+        endpoint = cluster.pick()
+        ex.endpoint = str(endpoint)
+        request_timeout = self.timeouts.request
+        deadline = start + request_timeout if request_timeout > 0 else float("inf")
+        head_bytes = http1.request_head_bytes(head.method, head.target, self._upstream_headers(head, ex))
+        body, body_complete = self._available_body(head, ex)
+        if body:
+            head_bytes += b"".join(body)
+        # A pooled connection may have been closed by the upstream in the instant before our write. Such a
+        # request never ran, so it is sent once more on a new connection when it can be replayed whole.
+        replayable = body_complete and head.method in IDEMPOTENT
+        conn = cluster.take_idle(endpoint)
+        while True:
+            reused = conn is not None
+            if conn is None:
+                with trio.move_on_at(deadline) as scope:
+                    conn = await cluster.connect(endpoint)
+                if scope.cancelled_caught:
+                    raise REQUEST_TIMEOUT
+            conn.requests += 1
+            try:
+                if body_complete:
+                    return await self._send_and_relay(head, head_bytes, conn, ex, deadline)
+                return await self._send_streaming(head, head_bytes, conn, ex, deadline)
+            except _UpstreamLost as lost:
+                conn.close()
+                conn = None
+                if not (reused and replayable and not lost.response_bytes):
+                    raise MeshError(502, lost.reason) from None
+                log.debug("retrying on a new connection", upstream=cluster.name, endpoint=ex.endpoint)
+
+    async def _send_and_relay(
+        self, head: RequestHead, data: bytes, conn: UpstreamConnection, ex: _Exchange, deadline: float
+    ) -> bool:
+        try:
+            await conn.stream.send_all(data)
+        except _STREAM_ERRORS:
+            raise _UpstreamLost("upstream connection lost while sending the request", 0) from None
+        return await self._relay_response(head, conn, ex, deadline, pump=None)
+
+    async def _send_streaming(
+        self, head: RequestHead, data: bytes, conn: UpstreamConnection, ex: _Exchange, deadline: float
+    ) -> bool:
+        pump = _BodyPump(self, head, conn, ex)
+        try:
+            await conn.stream.send_all(data)
+        except _STREAM_ERRORS:
+            conn.close()
+            raise MeshError(502, "upstream connection lost while sending the request") from None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump.run)
+            try:
+                keep_alive = await self._relay_response(head, conn, ex, deadline, pump=pump)
+            except _UpstreamLost as lost:
+                conn.close()
+                if pump.error is not None:
+                    raise pump.error from None  # the request broke off first; that is the outcome
+                raise MeshError(502, lost.reason) from None
+            finally:
+                nursery.cancel_scope.cancel()
+        if pump.error is not None and not ex.response_started:
+            raise pump.error
+        return keep_alive and ex.request_done
+
+    async def _relay_response(
+        self, head: RequestHead, conn: UpstreamConnection, ex: _Exchange, deadline: float, pump: _BodyPump | None
+    ) -> bool:
+        limits = self.limits
+        reader = ResponseReader(
+            request_method=head.method,
+            max_header_bytes=limits.max_header_bytes,
+            max_header_count=limits.max_header_count,
+        )
+        upstream = conn.stream
+        downstream = self.stream
+        received = 0
+        with trio.move_on_at(deadline) as timeout:
+            while True:
+                event = reader.next_event()
+                if event is None:
+                    try:
+                        data = await upstream.receive_some(READ_SIZE)
+                    except _STREAM_ERRORS:
+                        data = b""
+                    if not data:
+                        if received == 0:
+                            raise _UpstreamLost("upstream closed the connection before responding", 0)
+                        try:
+                            reader.feed_eof()
+                        except ProtocolError:
+                            conn.close()
+                            raise MeshError(502, "upstream closed the connection mid-response") from None
+                        continue
+                    received += len(data)
+                    try:
+                        reader.feed(data)
+                    except ProtocolError as exc:
+                        conn.close()
+                        raise MeshError(502, f"invalid response from upstream: {exc.reason}") from None
+                    continue
+                if type(event) is not ResponseHead:
+                    conn.close()
+                    raise MeshError(502, "invalid response from upstream")
+                if event.informational:
+                    if not head.http10:
+                        await downstream.send_all(
+                            http1.response_head_bytes(event.status, event.reason, event.headers)
+                        )
+                    continue
+                break
+        if timeout.cancelled_caught:
+            conn.close()
+            raise REQUEST_TIMEOUT
+        response: ResponseHead = event
+        ex.status = response.status
+        if response.upgrade:
+            return await self._upgraded(head, response, reader, conn, ex)
+        return await self._stream_response(head, response, reader, conn, ex, pump)
+
+    async def _stream_response(
+        self,
+        head: RequestHead,
+        response: ResponseHead,
+        reader: ResponseReader,
+        conn: UpstreamConnection,
+        ex: _Exchange,
+        pump: _BodyPump | None,
+    ) -> bool:
+        proxy = self.proxy
+        headers = response.headers
+        keep_alive = head.keep_alive and not proxy.drain.draining and head.upgrade is None
+        chunked_out = False
+        if response.content_length is not None:
+            headers.append((b"content-length", b"%d" % response.content_length))
+        elif response.chunked or response.until_close:
+            if head.http10:
+                keep_alive = False  # close-delimited to an HTTP/1.0 client
+            else:
+                chunked_out = True
+                headers.append((b"transfer-encoding", b"chunked"))
+        if pump is not None and not pump.finished:
+            keep_alive = False  # the upstream answered before the request body was complete
+        if not keep_alive:
+            headers.append((b"connection", b"close"))
+        elif head.http10:
+            headers.append((b"connection", b"keep-alive"))
+        out = [http1.response_head_bytes(response.status, response.reason, headers)]
+        upstream = conn.stream
+        downstream = self.stream
+        idle = self.timeouts.idle
+        complete = not response.has_body
+        if complete:
+            reader.next_event()  # END
+        ex.response_started = True
+        while not complete:
+            event = reader.next_event()
+            if event is None:
+                if out:
+                    await downstream.send_all(b"".join(out))
+                    out = []
+                with trio.move_on_after(idle) as scope:
+                    try:
+                        data = await upstream.receive_some(READ_SIZE)
+                    except _STREAM_ERRORS:
+                        data = b""
+                if scope.cancelled_caught:
+                    raise MeshError(504, "upstream response stalled past the idle timeout")
+                try:
+                    if data:
+                        reader.feed(data)
+                    else:
+                        reader.feed_eof()
+                except ProtocolError as exc:
+                    conn.close()
+                    raise MeshError(502, exc.reason) from None
+                continue
+            if event is END:
+                if chunked_out:
+                    out.append(http1.last_chunk_bytes())
+                complete = True
+            elif type(event) is Trailers:
+                if chunked_out:
+                    out.append(http1.last_chunk_bytes(event.headers))
+                    chunked_out = False
+            else:
+                ex.tx += len(event)
+                out.append(http1.chunk_bytes(event) if chunked_out else event)
+        if out:
+            await downstream.send_all(b"".join(out))
+        if pump is not None and not pump.finished:
+            conn.close()
+            return False
+        reusable = response.keep_alive and not response.until_close and ex.request_done and head.upgrade is None
+        proxy.cluster.release(conn, reusable=reusable)
+        return keep_alive and ex.request_done
+
+    async def _upgraded(
+        self, head: RequestHead, response: ResponseHead, reader: ResponseReader, conn: UpstreamConnection, ex: _Exchange
+    ) -> bool:
+        """After a 101, the two connections become one opaque byte stream; both close when it ends."""
+        if head.upgrade is None:
+            conn.close()
+            raise MeshError(502, "upstream switched protocols without an upgrade request")
+        ex.response_started = True
+        downstream = self.stream
+        first_down = http1.response_head_bytes(response.status, response.reason, response.headers)
+        await downstream.send_all(first_down + (reader.upgraded_data or b""))
+        pending_up = self.reader.upgraded_data or b""
+        try:
+            if pending_up:
+                await conn.stream.send_all(pending_up)
+            rx, tx = await splice(downstream, conn.stream, idle_timeout=self.timeouts.idle)
+            ex.rx += rx + len(pending_up)
+            ex.tx += tx
+        finally:
+            conn.close()
+        return False
+
+    # -- answering errors ----------------------------------------------------------------------------------
+    async def _send_mesh_error(self, status: int, reason: str, head: RequestHead, ex: _Exchange) -> bool:
+        """Answer a mesh error; the connection stays open only if the request body was read entirely."""
+        if not ex.request_done and not head.has_body and head.upgrade is None:
+            ex.request_done = self.reader.next_event() is END
+        keep_alive = head.keep_alive and ex.request_done and not self.proxy.drain.draining
+        ex.status = status
+        body = f"{reason}\n".encode()
+        headers = [(b"x-mesh-error", reason.encode()), (b"content-type", b"text/plain; charset=utf-8")]
+        try:
+            await self.stream.send_all(
+                http1.simple_response(status, http1.REASONS.get(status, ""), body, headers, close=not keep_alive)
+            )
+        except _STREAM_ERRORS:
+            return False
+        return keep_alive
+
+    async def _send_error_quietly(self, status: int, reason: str) -> None:
+        """Answer a request we refuse to forward, then the connection closes (its framing is no longer trusted)."""
+        body = f"{reason}\n".encode()
+        headers = [(b"x-mesh-error", reason.encode()), (b"content-type", b"text/plain; charset=utf-8")]
+        try:
+            await self.stream.send_all(
+                http1.simple_response(status, http1.REASONS.get(status, ""), body, headers, close=True)
+            )
+        except _STREAM_ERRORS:
+            pass
+
+
+class _UpstreamLost(Exception):
+    """The upstream connection failed before any response byte arrived."""
+
+    def __init__(self, reason: str, response_bytes: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.response_bytes = response_bytes
+
+
+class _BodyPump:
+    """Copies the rest of a streaming request body from downstream to the upstream, in its own task.
+
+    It never raises: a failure is kept in `error` and ends the pump, which the exchange then inspects."""
+
+    __slots__ = ("conn", "downstream", "error", "ex", "finished", "head")
+
+    def __init__(self, downstream: _Downstream, head: RequestHead, conn: UpstreamConnection, ex: _Exchange) -> None:
+        self.downstream = downstream
+        self.head = head
+        self.conn = conn
+        self.ex = ex
+        self.finished = False
+        self.error: Exception | None = None
+
+    async def run(self) -> None:
+        chunked = self.head.chunked
+        send_all = self.conn.stream.send_all
+        ex = self.ex
+        try:
+            while True:
+                event = await self.downstream._body_event()
+                if event is END:
+                    if chunked:
+                        await send_all(http1.last_chunk_bytes())
+                    break
+                if type(event) is Trailers:
+                    await send_all(http1.last_chunk_bytes(event.headers))
+                    self.downstream.reader.next_event()  # END
+                    break
+                ex.rx += len(event)
+                await send_all(http1.chunk_bytes(event) if chunked else event)
+            ex.request_done = True
+            self.finished = True
+        except (DownstreamGone, ProtocolError) as exc:
+            self.error = exc
+            self.conn.close()  # the upstream must not see a request that ended early as complete
+        except _STREAM_ERRORS:
+            # The upstream stopped reading (it may already be answering); the response decides the outcome.
+            self.error = MeshError(502, "upstream connection lost while sending the request body")
+
+
+def _new_request_id() -> bytes:
+    raw = os.urandom(16).hex().encode()
+    return b"%s-%s-%s-%s-%s" % (raw[:8], raw[8:12], raw[12:16], raw[16:20], raw[20:])

@@ -1,0 +1,214 @@
+"""The sidecar process: inbound and outbound listeners, discovery, clusters and admin under one root nursery."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import structlog
+import trio
+
+from mesh import log as mesh_log
+from mesh.admin import AdminApp
+from mesh.cluster import Cluster
+from mesh.config import Address, BalancerSettings, SidecarConfig, dump_config, redact
+from mesh.discovery import Endpoint, EndpointSet, discovery_from_settings
+from mesh.listener import Drain, serve_tcp
+from mesh.metrics import Metrics
+from mesh.proxy import HttpProxy, HttpProxySettings
+from mesh.tcp import TcpProxy
+from mesh.watch import Watch
+
+log = structlog.get_logger("sidecar")
+
+
+class Sidecar:
+    """One sidecar: the inbound listener in front of the local app and one outbound listener per upstream.
+
+    Built from a validated config; `serve()` runs it until `drain.start()` has been called and every
+    listener has drained, then returns."""
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.access_log = mesh_log.AccessLog(config.log.access_log, mesh_log.get_logger("access"))
+        self.drain = Drain()
+        self.discovery = discovery_from_settings(config.discovery) if config.discovery else None
+        self.clusters: list[Cluster] = []
+        self.listeners: list[tuple[str, Address, Any, int]] = []  # (name, bind, handler, max_connections)
+        self.bound: dict[str, Address] = {}
+        self.serving = False
+        self._build()
+
+    def __repr__(self) -> str:
+        return f"<Sidecar {self.config.service.name} listeners={[n for n, *_ in self.listeners]}>"
+
+    def _build(self) -> None:
+        config = self.config
+        drain = self.drain
+        inbound = config.inbound
+        if inbound is not None:
+            app = config.service.app
+            app_endpoints: Watch[EndpointSet | None] = Watch(
+                EndpointSet((Endpoint(app.host, app.port),), updated_at=time.time(), source="service.app")
+            )
+            cluster = Cluster(
+                config.service.name,
+                app_endpoints,
+                balancer=BalancerSettings(),
+                pool=inbound.pool,
+                connect_timeout=inbound.timeouts.connect,
+                metrics=self.metrics,
+            )
+            self.clusters.append(cluster)
+            if config.service.protocol == "tcp":
+                handler = TcpProxy(
+                    direction="inbound",
+                    cluster=cluster,
+                    idle_timeout=inbound.timeouts.idle,
+                    metrics=self.metrics,
+                    access_log=self.access_log,
+                ).handle
+            else:
+                settings = HttpProxySettings("inbound", cluster.name, inbound.timeouts, inbound.limits)
+                handler = HttpProxy(
+                    settings, cluster, metrics=self.metrics, access_log=self.access_log, drain=drain
+                ).handle
+            self.listeners.append(("inbound", inbound.bind, handler, inbound.limits.max_connections))
+        for index, upstream in enumerate(config.upstreams):
+            assert self.discovery is not None  # the config requires discovery when upstreams exist
+            cluster = Cluster(
+                upstream.service,
+                self.discovery.watch(upstream.service),
+                balancer=upstream.balancer,
+                pool=upstream.pool,
+                connect_timeout=upstream.timeouts.connect,
+                metrics=self.metrics,
+            )
+            self.clusters.append(cluster)
+            if upstream.protocol == "tcp":
+                handler = TcpProxy(
+                    direction="outbound",
+                    cluster=cluster,
+                    idle_timeout=upstream.timeouts.idle,
+                    metrics=self.metrics,
+                    access_log=self.access_log,
+                ).handle
+            else:
+                settings = HttpProxySettings("outbound", upstream.service, upstream.timeouts, upstream.limits)
+                handler = HttpProxy(
+                    settings, cluster, metrics=self.metrics, access_log=self.access_log, drain=drain
+                ).handle
+            self.listeners.append((f"upstreams[{index}]:{upstream.service}", upstream.bind, handler,
+                                   upstream.limits.max_connections))
+
+    # -- admin views ---------------------------------------------------------------------------------------
+    def ready(self) -> tuple[bool, str]:
+        if self.drain.draining:
+            return False, "draining"
+        if not self.serving:
+            return False, "starting"
+        return True, "ready"
+
+    def cluster_state(self) -> dict[str, Any]:
+        now = time.time()
+        state: dict[str, Any] = {}
+        for cluster in self.clusters:
+            current = cluster.endpoints.value
+            state[cluster.name] = {
+                "resolved": current is not None,
+                "source": current.source if current else None,
+                "age_s": round(now - current.updated_at, 3) if current else None,
+                "endpoints": [
+                    {"address": str(e), "weight": e.weight, "healthy": e.healthy, "tags": list(e.tags),
+                     "meta": dict(e.meta), "idle_connections": cluster.pool.idle_count(e.key)}
+                    for e in (current.endpoints if current else ())
+                ],
+            }
+        return state
+
+    # -- running -------------------------------------------------------------------------------------------
+    async def serve(self, *, task_status: trio.TaskStatus[dict[str, Address]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until drained. Reports {listener name: bound address} (including "admin") once all are bound."""
+        config = self.config
+        admin = AdminApp(
+            metrics=self.metrics,
+            ready=self.ready,
+            config=lambda: redact(dump_config(config)),
+            clusters=self.cluster_state,
+        )
+        admin_drain = Drain()
+        async with trio.open_nursery() as background:
+            if self.discovery is not None:
+                await background.start(self.discovery.run)
+            for cluster in self.clusters:
+                background.start_soon(cluster.maintain)
+            self.bound["admin"] = await background.start(
+                _serve, config.admin.bind, admin.handle, "admin", admin_drain, 64, 1.0
+            )
+            async with trio.open_nursery() as listeners:
+                for name, bind, handler, max_connections in self.listeners:
+                    self.bound[name] = await listeners.start(
+                        _serve, bind, handler, name, self.drain, max_connections, config.shutdown.drain_timeout
+                    )
+                self.serving = True
+                log.info("sidecar ready", service=config.service.name, listeners={k: str(v) for k, v in self.bound.items()})
+                task_status.started(dict(self.bound))
+            log.info("drained", service=config.service.name)
+            admin_drain.start()
+            background.cancel_scope.cancel()
+
+
+async def _serve(
+    bind: Address,
+    handler: Any,
+    name: str,
+    drain: Drain,
+    max_connections: int,
+    drain_timeout: float,
+    *,
+    task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve_tcp(
+        bind,
+        handler,
+        name=name,
+        drain=drain,
+        max_connections=max_connections,
+        drain_timeout=drain_timeout,
+        task_status=task_status,
+    )
+
+
+async def main(config: SidecarConfig) -> None:
+    """Run a sidecar until SIGTERM or SIGINT, then drain; a second signal stops at once."""
+    sidecar = Sidecar(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signals() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if sidecar.drain.draining:
+                        log.warning("second signal: stopping now", signal=name)
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info("shutting down", signal=name, drain_timeout_s=config.shutdown.drain_timeout)
+                    sidecar.drain.start()
+
+            nursery.start_soon(on_signals)
+            await sidecar.serve()
+            nursery.cancel_scope.cancel()
+
+
+def run(config: SidecarConfig) -> int:
+    """Entry point of `mesh sidecar run`: returns the process exit code."""
+    mesh_log.configure(config.log.level)
+    try:
+        trio.run(main, config)
+    except* OSError as group:
+        for exc in group.exceptions:
+            log.error("cannot start", error=str(exc))
+        return 1
+    return 0

@@ -1,0 +1,155 @@
+"""Integration fixtures: a real backend process and real `mesh sidecar run` processes on loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+HERE = Path(__file__).parent
+START_TIMEOUT = 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A child process whose stderr lines are collected by a thread; `wait_for` blocks on a line appearing."""
+
+    def __init__(self, args: list[str], *, name: str) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            with self._changed:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float = START_TIMEOUT) -> str:
+        with self._changed:
+            found = self._changed.wait_for(
+                lambda: any(text in line for line in self.lines) or self.proc.poll() is not None, timeout
+            )
+            for line in self.lines:
+                if text in line:
+                    return line
+        raise AssertionError(f"{self.name}: {text!r} not seen (exited={self.proc.poll()}, found={found}):\n"
+                             + "\n".join(self.lines[-30:]))
+
+    def events(self, event: str) -> list[dict]:
+        out = []
+        with self._changed:
+            lines = list(self.lines)
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == event:
+                out.append(record)
+        return out
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def terminate(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def backend() -> Iterator[dict[str, int]]:
+    proc = subprocess.Popen([sys.executable, str(HERE / "backend.py")], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    ports = json.loads(proc.stdout.readline())
+    yield ports
+    proc.kill()
+    proc.wait()
+
+
+def sidecar_config(**overrides: object) -> dict:
+    config: dict = {
+        "service": {"name": "test", "app": "127.0.0.1:1"},
+        "admin": {"bind": f"127.0.0.1:{free_port()}"},
+        "shutdown": {"drain_timeout": "10s"},
+    }
+    config.update(overrides)
+    return config
+
+
+class Mesh:
+    """Starts sidecar processes from config dicts and stops them all at the end of the test."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[Process] = []
+
+    def sidecar(self, config: dict, name: str = "sidecar") -> Process:
+        path = self.tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = Process([sys.executable, "-m", "mesh.cli", "sidecar", "run", "--config", str(path)], name=name)
+        self.procs.append(proc)
+        proc.wait_for("sidecar ready")
+        return proc
+
+    def pair(self, app_port: int, *, protocol: str = "http", outbound: dict | None = None,
+             inbound: dict | None = None) -> tuple[int, Process, Process]:
+        """outbound sidecar (client app side) → inbound sidecar → app; returns (outbound port, out, in)."""
+        in_port, out_port = free_port(), free_port()
+        server = sidecar_config(
+            service={"name": "api", "app": f"127.0.0.1:{app_port}", "protocol": protocol},
+            inbound={"bind": f"127.0.0.1:{in_port}", "tls": "off", **(inbound or {})},
+        )
+        client = sidecar_config(
+            service={"name": "web", "app": "127.0.0.1:1"},
+            upstreams=[{"service": "api", "bind": f"127.0.0.1:{out_port}", "protocol": protocol, "tls": "off",
+                        **(outbound or {})}],
+            discovery={"static": {"api": [f"127.0.0.1:{in_port}"]}},
+        )
+        inbound_proc = self.sidecar(server, "inbound")
+        outbound_proc = self.sidecar(client, "outbound")
+        return out_port, outbound_proc, inbound_proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    m = Mesh(tmp_path)
+    yield m
+    m.close()
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
