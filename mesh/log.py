@@ -1,0 +1,230 @@
+"""Structured logging: JSON lines through structlog, and the per-request access log."""
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor
+
+ACCESS_LOGGER_NAME = "access"
+
+_encode_json_string = json.encoder.encode_basestring_ascii
+
+
+def _make_compact_json_encoder() -> Callable[[Any], str]:
+    """`json.dumps(obj, separators=(",", ":"), default=str)`, minus the cost of building an encoder per call.
+
+    That cost (a Python-level `JSONEncoder.encode` plus a new C encoder) is about half of what encoding a
+    small access event takes; the C encoder json itself uses is built once here instead.
+    """
+    if json.encoder.c_make_encoder is None:  # an interpreter without the _json accelerator
+        return json.JSONEncoder(separators=(",", ":"), check_circular=False, default=str).encode
+    c_encoder = json.encoder.c_make_encoder(
+        None, str, _encode_json_string, None, ":", ",", False, False, True
+    )
+    return lambda obj: "".join(c_encoder(obj, 0))
+
+
+_encode_compact_json = _make_compact_json_encoder()
+
+
+class _TimestampFormatter:
+    """ISO 8601 UTC with microseconds, `2025-01-31T12:00:00.123456Z`; the date is formatted once a second."""
+
+    __slots__ = ("_second", "_second_prefix")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._second_prefix = ""
+
+    def now(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return "%s.%06dZ" % (self._second_prefix, (now - second) * 1_000_000)  # noqa: UP031 (faster than f"")
+
+
+_timestamps = _TimestampFormatter()
+
+
+class _NamedWriteLogger(structlog.WriteLogger):
+    """A structlog WriteLogger that remembers the name given to `structlog.get_logger(name)`."""
+
+    def __init__(self, file: TextIO, name: str | None) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+class _NamedWriteLoggerFactory:
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def __call__(self, *args: Any) -> _NamedWriteLogger:
+        return _NamedWriteLogger(self._stream, args[0] if args else None)
+
+
+def _add_leading_keys(logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
+    """Add `ts`, `level` and `logger`, and put them and `event` first so that the JSON lines read well."""
+    event_dict = {
+        "ts": _timestamps.now(),
+        "level": method_name,
+        "event": event_dict.pop("event"),
+        "logger": getattr(logger, "name", None),
+        **event_dict,
+    }
+    if event_dict["logger"] is None:
+        del event_dict["logger"]
+    return event_dict
+
+
+def _render_access_event(logger: Any, method_name: str, event_dict: EventDict) -> str:
+    """The access logger's whole processor chain: a fixed head, then one pass of the C JSON encoder."""
+    head = (
+        f'{{"ts":"{_timestamps.now()}","level":"{method_name}",'
+        f'"event":{_encode_json_string(event_dict.pop("event"))},"logger":"{logger.name}"'
+    )
+    return head + "," + _encode_compact_json(event_dict)[1:] if event_dict else head + "}"
+
+
+def _level_number(level: str) -> int:
+    try:
+        return logging.getLevelNamesMapping()[level.upper()]
+    except KeyError:
+        raise ValueError(
+            f"unknown log level {level!r}; use debug, info, warning, error or critical"
+        ) from None
+
+
+def configure(level: str = "info", stream: TextIO = sys.stderr) -> None:
+    """Send every structlog logger's events to `stream` as JSON lines, dropping those below `level`.
+
+    Calling it again replaces the previous configuration, so equal arguments give the same result. Loggers
+    keep the configuration they had on first use: configure before logging.
+    """
+    processors: list[Processor] = [
+        _add_leading_keys,
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(),
+    ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_level_number(level)),
+        logger_factory=_NamedWriteLoggerFactory(stream),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger whose events carry `logger=name`.
+
+    It takes its configuration on first use, so module-level `log = get_logger(__name__)` is fine; the name
+    travels with the wrapped logger (as in structlog's stdlib integration) because binding it here would fix
+    the configuration at import time.
+    """
+    return structlog.get_logger(name)
+
+
+class AccessLogger(structlog.BoundLoggerBase):
+    """structlog wrapper class for access events: fields arrive as one dict, not re-packed keyword arguments.
+
+    It has no level: access logging is switched by `AccessLog(enabled=...)`, so that a sidecar configured to
+    log only warnings can still keep its access log. Events are written at level "info".
+    """
+
+    def emit(self, event: str, fields: dict[str, Any]) -> None:
+        args, kwargs = self._process_event("info", event, fields)
+        self._logger.info(*args, **kwargs)
+
+
+def get_access_logger() -> AccessLogger:
+    """The logger `AccessLog` writes through: the configured stream and a one-step processor chain."""
+    return structlog.wrap_logger(
+        None,
+        processors=[_render_access_event],
+        wrapper_class=AccessLogger,
+        logger_factory_args=(ACCESS_LOGGER_NAME,),
+    )
+
+
+class AccessLog:
+    """Emits exactly one event per proxied HTTP request ("request") or TCP connection ("tcp_connection").
+
+    `logger` is normally `get_access_logger()`; its `emit` method is looked up once, here, so build the
+    access log after `configure`. Durations are logged in seconds rounded to the microsecond.
+    """
+
+    __slots__ = ("_emit", "enabled")
+
+    def __init__(self, enabled: bool, logger: AccessLogger) -> None:
+        self.enabled = enabled
+        self._emit = logger.emit
+
+    def request(
+        self,
+        *,
+        direction: str,
+        upstream: str,
+        method: str,
+        authority: str,
+        path: str,
+        status: int,
+        duration_s: float,
+        endpoint: str | None,
+        rx: int,
+        tx: int,
+        mesh_error: str | None,
+        request_id: str | None,
+    ) -> None:
+        if self.enabled:
+            self._emit(
+                "request",
+                {
+                    "direction": direction,
+                    "upstream": upstream,
+                    "method": method,
+                    "authority": authority,
+                    "path": path,
+                    "status": status,
+                    "duration_s": round(duration_s, 6),
+                    "endpoint": endpoint,
+                    "rx": rx,
+                    "tx": tx,
+                    "mesh_error": mesh_error,
+                    "request_id": request_id,
+                },
+            )
+
+    def tcp(
+        self,
+        *,
+        direction: str,
+        upstream: str,
+        peer: str,
+        endpoint: str | None,
+        duration_s: float,
+        rx: int,
+        tx: int,
+        mesh_error: str | None,
+    ) -> None:
+        if self.enabled:
+            self._emit(
+                "tcp_connection",
+                {
+                    "direction": direction,
+                    "upstream": upstream,
+                    "peer": peer,
+                    "endpoint": endpoint,
+                    "duration_s": round(duration_s, 6),
+                    "rx": rx,
+                    "tx": tx,
+                    "mesh_error": mesh_error,
+                },
+            )
