@@ -51,6 +51,7 @@ class _TimestampFormatter:
 
 
 _timestamps = _TimestampFormatter()
+_AccessLevelLogger = structlog.make_filtering_bound_logger(logging.INFO)
 
 
 class _NamedWriteLogger(structlog.WriteLogger):
@@ -85,11 +86,11 @@ def _add_leading_keys(logger: Any, method_name: str, event_dict: EventDict) -> E
     return event_dict
 
 
-def _render_access_event(logger: Any, method_name: str, event_dict: EventDict) -> str:
+def _render_access_event(_logger: Any, method_name: str, event_dict: EventDict) -> str:
     """The access logger's whole processor chain: a fixed head, then one pass of the C JSON encoder."""
     head = (
         f'{{"ts":"{_timestamps.now()}","level":"{method_name}",'
-        f'"event":{_encode_json_string(event_dict.pop("event"))},"logger":"{logger.name}"'
+        f'"event":{_encode_json_string(event_dict.pop("event"))},"logger":"{ACCESS_LOGGER_NAME}"'
     )
     return head + "," + _encode_compact_json(event_dict)[1:] if event_dict else head + "}"
 
@@ -125,47 +126,37 @@ def configure(level: str = "info", stream: TextIO = sys.stderr) -> None:
 def get_logger(name: str) -> Any:
     """A structlog logger whose events carry `logger=name`.
 
-    It takes its configuration on first use, so module-level `log = get_logger(__name__)` is fine; the name
-    travels with the wrapped logger (as in structlog's stdlib integration) because binding it here would fix
-    the configuration at import time.
+    It takes its configuration on first use, so a module-level `log = get_logger(__name__)` is fine; the
+    name travels with the wrapped logger (as in structlog's stdlib integration) because binding it here
+    would fix the configuration at import time.
+
+    The logger named `ACCESS_LOGGER_NAME` ("access"), which `AccessLog` writes through, has a processor
+    chain of its own: one step that renders its flat events, about half the cost of the general chain. It
+    also ignores the configured level: access logging is switched by `AccessLog(enabled=...)`, so that a
+    sidecar logging only warnings can keep its access log.
     """
+    if name == ACCESS_LOGGER_NAME:
+        return structlog.wrap_logger(
+            None,
+            processors=[_render_access_event],
+            wrapper_class=_AccessLevelLogger,
+            logger_factory_args=(name,),
+        )
     return structlog.get_logger(name)
-
-
-class AccessLogger(structlog.BoundLoggerBase):
-    """structlog wrapper class for access events: fields arrive as one dict, not re-packed keyword arguments.
-
-    It has no level: access logging is switched by `AccessLog(enabled=...)`, so that a sidecar configured to
-    log only warnings can still keep its access log. Events are written at level "info".
-    """
-
-    def emit(self, event: str, fields: dict[str, Any]) -> None:
-        args, kwargs = self._process_event("info", event, fields)
-        self._logger.info(*args, **kwargs)
-
-
-def get_access_logger() -> AccessLogger:
-    """The logger `AccessLog` writes through: the configured stream and a one-step processor chain."""
-    return structlog.wrap_logger(
-        None,
-        processors=[_render_access_event],
-        wrapper_class=AccessLogger,
-        logger_factory_args=(ACCESS_LOGGER_NAME,),
-    )
 
 
 class AccessLog:
     """Emits exactly one event per proxied HTTP request ("request") or TCP connection ("tcp_connection").
 
-    `logger` is normally `get_access_logger()`; its `emit` method is looked up once, here, so build the
-    access log after `configure`. Durations are logged in seconds rounded to the microsecond.
+    `logger` is normally `get_logger(ACCESS_LOGGER_NAME)`; any structlog logger works. Durations are logged
+    in seconds, rounded to the microsecond.
     """
 
-    __slots__ = ("_emit", "enabled")
+    __slots__ = ("enabled", "logger")
 
-    def __init__(self, enabled: bool, logger: AccessLogger) -> None:
+    def __init__(self, enabled: bool, logger: Any) -> None:
         self.enabled = enabled
-        self._emit = logger.emit
+        self.logger = logger
 
     def request(
         self,
@@ -184,22 +175,20 @@ class AccessLog:
         request_id: str | None,
     ) -> None:
         if self.enabled:
-            self._emit(
+            self.logger.info(
                 "request",
-                {
-                    "direction": direction,
-                    "upstream": upstream,
-                    "method": method,
-                    "authority": authority,
-                    "path": path,
-                    "status": status,
-                    "duration_s": round(duration_s, 6),
-                    "endpoint": endpoint,
-                    "rx": rx,
-                    "tx": tx,
-                    "mesh_error": mesh_error,
-                    "request_id": request_id,
-                },
+                direction=direction,
+                upstream=upstream,
+                method=method,
+                authority=authority,
+                path=path,
+                status=status,
+                duration_s=round(duration_s, 6),
+                endpoint=endpoint,
+                rx=rx,
+                tx=tx,
+                mesh_error=mesh_error,
+                request_id=request_id,
             )
 
     def tcp(
@@ -215,16 +204,14 @@ class AccessLog:
         mesh_error: str | None,
     ) -> None:
         if self.enabled:
-            self._emit(
+            self.logger.info(
                 "tcp_connection",
-                {
-                    "direction": direction,
-                    "upstream": upstream,
-                    "peer": peer,
-                    "endpoint": endpoint,
-                    "duration_s": round(duration_s, 6),
-                    "rx": rx,
-                    "tx": tx,
-                    "mesh_error": mesh_error,
-                },
+                direction=direction,
+                upstream=upstream,
+                peer=peer,
+                endpoint=endpoint,
+                duration_s=round(duration_s, 6),
+                rx=rx,
+                tx=tx,
+                mesh_error=mesh_error,
             )

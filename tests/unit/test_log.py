@@ -114,7 +114,7 @@ def test_exception_is_rendered_into_the_event() -> None:
 def test_access_log_request_emits_exactly_one_event_with_every_field() -> None:
     stream = io.StringIO()
     log.configure("info", stream)
-    log.AccessLog(True, log.get_access_logger()).request(**REQUEST_FIELDS)
+    log.AccessLog(True, log.get_logger(log.ACCESS_LOGGER_NAME)).request(**REQUEST_FIELDS)
 
     [event] = lines(stream)
     assert ISO_UTC.match(event.pop("ts"))
@@ -130,7 +130,7 @@ def test_access_log_request_emits_exactly_one_event_with_every_field() -> None:
 def test_access_log_tcp_emits_one_tcp_connection_event() -> None:
     stream = io.StringIO()
     log.configure("info", stream)
-    log.AccessLog(True, log.get_access_logger()).tcp(**TCP_FIELDS)
+    log.AccessLog(True, log.get_logger(log.ACCESS_LOGGER_NAME)).tcp(**TCP_FIELDS)
 
     [event] = lines(stream)
     del event["ts"]
@@ -140,7 +140,7 @@ def test_access_log_tcp_emits_one_tcp_connection_event() -> None:
 def test_disabled_access_log_writes_nothing() -> None:
     stream = io.StringIO()
     log.configure("info", stream)
-    access_log = log.AccessLog(False, log.get_access_logger())
+    access_log = log.AccessLog(False, log.get_logger(log.ACCESS_LOGGER_NAME))
     access_log.request(**REQUEST_FIELDS)
     access_log.tcp(**TCP_FIELDS)
     assert stream.getvalue() == ""
@@ -149,21 +149,24 @@ def test_disabled_access_log_writes_nothing() -> None:
 def test_access_log_is_kept_when_the_level_hides_info() -> None:
     stream = io.StringIO()
     log.configure("error", stream)
-    log.AccessLog(True, log.get_access_logger()).request(**REQUEST_FIELDS)
+    log.AccessLog(True, log.get_logger(log.ACCESS_LOGGER_NAME)).request(**REQUEST_FIELDS)
     assert [e["event"] for e in lines(stream)] == ["request"]
 
 
-def test_access_events_go_through_the_access_loggers_processors() -> None:
-    captured: list[dict[str, Any]] = []
-
-    def capture(_logger: Any, _method: str, event_dict: dict[str, Any]) -> str:
-        captured.append(event_dict)
-        return "captured"
-
+def test_access_log_built_before_configure_writes_to_the_configured_stream() -> None:
+    access_log = log.AccessLog(True, log.get_logger(log.ACCESS_LOGGER_NAME))
     stream = io.StringIO()
-    logger = structlog.wrap_logger(
-        structlog.WriteLogger(stream), wrapper_class=log.AccessLogger, processors=[capture]
-    )
-    log.AccessLog(True, logger).tcp(**TCP_FIELDS)
-    assert captured == [{"event": "tcp_connection", **TCP_FIELDS}]
-    assert stream.getvalue() == "captured\n"
+    log.configure("info", stream)
+    access_log.tcp(**TCP_FIELDS)
+    assert [e["event"] for e in lines(stream)] == ["tcp_connection"]
+
+
+def test_access_log_accepts_any_structlog_logger() -> None:
+    with structlog.testing.capture_logs() as captured:
+        log.AccessLog(True, structlog.get_logger()).tcp(**TCP_FIELDS)
+    assert captured == [{"event": "tcp_connection", "log_level": "info", **TCP_FIELDS}]
+
+
+def test_access_log_without_configure_still_writes_json(capsys: pytest.CaptureFixture[str]) -> None:
+    log.AccessLog(True, log.get_logger(log.ACCESS_LOGGER_NAME)).tcp(**TCP_FIELDS)
+    assert json.loads(capsys.readouterr().out)["event"] == "tcp_connection"
