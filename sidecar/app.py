@@ -207,8 +207,14 @@ def run(config: SidecarConfig) -> int:
     mesh_log.configure(config.log.level)
     try:
         trio.run(main, config)
-    except* OSError as group:
-        for exc in group.exceptions:
+    except BaseExceptionGroup as group:
+        startup, rest = group.split(OSError)
+        if startup is None or rest is not None:
+            raise
+        for exc in startup.exceptions:
             log.error("cannot start", error=str(exc))
+        return 1
+    except OSError as exc:
+        log.error("cannot start", error=str(exc))
         return 1
     return 0

@@ -39,15 +39,17 @@ async def _next_event(stream: trio.SocketStream, conn: h11.Connection) -> object
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
+            if conn.they_are_waiting_for_100_continue:
+                await _send(stream, conn, h11.InformationalResponse(status_code=100, headers=[]))
             conn.receive_data(await stream.receive_some(65536))
             continue
         return event
 
 
 async def _respond(stream, conn, status, body=b"", headers=()):
-    hs = [("content-length", str(len(body))), *headers]
+    hs = [*headers] if status in (204, 304) else [("content-length", str(len(body))), *headers]
     await _send(stream, conn, h11.Response(status_code=status, headers=hs))
-    if body:
+    if body and status not in (204, 304):
         await _send(stream, conn, h11.Data(data=body))
     await _send(stream, conn, h11.EndOfMessage())
 
@@ -66,7 +68,7 @@ async def handle_http(stream: trio.SocketStream) -> None:
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()
-    except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+    except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
         return
     finally:
         await trio.aclose_forcefully(stream)
@@ -111,7 +113,7 @@ async def route(stream, conn, req: h11.Request) -> bool:
         n = int(query.get("n", "0"))
         await _send(stream, conn, h11.Response(status_code=200, headers=[("content-length", str(n))]))
         piece = b"x" * 65536
-        while n > 0:
+        while n > 0 and req.method != b"HEAD":
             await _send(stream, conn, h11.Data(data=piece[: min(n, 65536)]))
             n -= 65536
         await _send(stream, conn, h11.EndOfMessage())

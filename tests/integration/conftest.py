@@ -31,7 +31,7 @@ class Process:
     def __init__(self, args: list[str], *, name: str) -> None:
         self.name = name
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
         )
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -71,20 +71,25 @@ class Process:
                 out.append(record)
         return out
 
-    def rss_kib(self) -> int:
+    def memory_kib(self, field: str = "VmRSS") -> int:
+        """VmRSS (now) or VmHWM (peak) of the process, in KiB."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        raise AssertionError(f"no {field}")
 
     def terminate(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(30)
+            code = self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait()
+            code = self.proc.wait()
+        self._reader.join(10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return code
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +100,7 @@ def backend() -> Iterator[dict[str, int]]:
     yield ports
     proc.kill()
     proc.wait()
+    proc.stdout.close()
 
 
 def sidecar_config(**overrides: object) -> dict:
@@ -153,3 +159,12 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+@pytest.fixture(scope="module")
+def http_pair(backend: dict[str, int], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Mesh]]:
+    """One outbound → inbound → backend pair shared by a module's tests: (outbound port, mesh)."""
+    m = Mesh(tmp_path_factory.mktemp("pair"))
+    port, _, _ = m.pair(backend["http"])
+    yield port, m
+    m.close()
