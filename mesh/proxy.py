@@ -446,8 +446,6 @@ class _Downstream:
             else:
                 chunked_out = True
                 headers.append((b"transfer-encoding", b"chunked"))
-        if pump is not None and not pump.finished:
-            keep_alive = False  # the upstream answered before the request body was complete
         if not keep_alive:
             headers.append((b"connection", b"close"))
         elif head.http10:
@@ -496,8 +494,13 @@ class _Downstream:
         if out:
             await downstream.send_all(b"".join(out))
         if pump is not None and not pump.finished:
-            conn.close()
-            return False
+            if pump.body_read:
+                # The whole body came from downstream; its last bytes are being handed to the upstream.
+                with trio.move_on_after(idle):
+                    await pump.done.wait()
+            if not pump.finished:  # the upstream answered before the request body ended
+                conn.close()
+                return False
         reusable = response.keep_alive and not response.until_close and ex.request_done and head.upgrade is None
         proxy.cluster.release(conn, reusable=reusable)
         return keep_alive and ex.request_done
@@ -567,14 +570,16 @@ class _BodyPump:
 
     It never raises: a failure is kept in `error` and ends the pump, which the exchange then inspects."""
 
-    __slots__ = ("conn", "downstream", "error", "ex", "finished", "head")
+    __slots__ = ("body_read", "conn", "done", "downstream", "error", "ex", "finished", "head")
 
     def __init__(self, downstream: _Downstream, head: RequestHead, conn: UpstreamConnection, ex: _Exchange) -> None:
         self.downstream = downstream
         self.head = head
         self.conn = conn
         self.ex = ex
-        self.finished = False
+        self.finished = False  # the whole body reached the upstream
+        self.body_read = False  # the whole body came from downstream
+        self.done = trio.Event()
         self.error: Exception | None = None
 
     async def run(self) -> None:
@@ -585,12 +590,14 @@ class _BodyPump:
             while True:
                 event = await self.downstream._body_event()
                 if event is END:
+                    self.body_read = True
                     if chunked:
                         await send_all(http1.last_chunk_bytes())
                     break
                 if type(event) is Trailers:
-                    await send_all(http1.last_chunk_bytes(event.headers))
+                    self.body_read = True
                     self.downstream.reader.next_event()  # END
+                    await send_all(http1.last_chunk_bytes(event.headers))
                     break
                 ex.rx += len(event)
                 await send_all(http1.chunk_bytes(event) if chunked else event)
@@ -602,6 +609,8 @@ class _BodyPump:
         except _STREAM_ERRORS:
             # The upstream stopped reading (it may already be answering); the response decides the outcome.
             self.error = MeshError(502, "upstream connection lost while sending the request body")
+        finally:
+            self.done.set()
 
 
 def _new_request_id() -> bytes:
