@@ -1,4 +1,4 @@
-"""Sans-io HTTP/1.1 codec: httptools (llhttp) parsing plus the mesh's own framing and smuggling checks, and serialisation."""
+"""Sans-io HTTP/1.1 codec: httptools (llhttp) parsing, the mesh's own framing and smuggling checks, serialisation."""
 
 from __future__ import annotations
 
@@ -149,13 +149,13 @@ class _Reader:
         "_error_status",
         "_head_bytes",
         "_head_fed",
-        "in_head",
         "_max_header_bytes",
         "_max_header_count",
         "_parser",
         "_raw_headers",
         "_url",
         "events",
+        "in_head",
         "upgraded_data",
     )
 

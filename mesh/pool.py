@@ -16,9 +16,7 @@ class IdlePool(Generic[C]):
     `is_usable(conn)` is asked when a connection is taken; it answers False for a connection the upstream
     closed (or wrote to) while it sat idle, which must then be closed instead of carrying a request."""
 
-    def __init__(
-        self, *, max_idle_per_endpoint: int, idle_timeout: float, is_usable: Callable[[C], bool]
-    ) -> None:
+    def __init__(self, *, max_idle_per_endpoint: int, idle_timeout: float, is_usable: Callable[[C], bool]) -> None:
         self.max_idle_per_endpoint = max_idle_per_endpoint
         self.idle_timeout = idle_timeout
         self._is_usable = is_usable

@@ -411,9 +411,7 @@ class _Downstream:
                     raise MeshError(502, "invalid response from upstream")
                 if event.informational:
                     if not head.http10:
-                        await downstream.send_all(
-                            http1.response_head_bytes(event.status, event.reason, event.headers)
-                        )
+                        await downstream.send_all(http1.response_head_bytes(event.status, event.reason, event.headers))
                     continue
                 break
         if timeout.cancelled_caught:

@@ -13,7 +13,9 @@ _READ_SIZE = 65536
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-async def splice(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream, *, idle_timeout: float) -> tuple[int, int]:
+async def splice(
+    a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream, *, idle_timeout: float
+) -> tuple[int, int]:
     """Copy bytes both ways until both directions have ended; returns (bytes a→b, bytes b→a).
 
     When one side sends EOF, the other side's write half is closed (`send_eof`) and the opposite direction
@@ -45,7 +47,9 @@ async def splice(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStrea
 class TcpProxy:
     """Serves `tcp` listeners: each downstream connection is spliced to a new connection to a cluster endpoint."""
 
-    def __init__(self, *, direction: str, cluster: Cluster, idle_timeout: float, metrics: Metrics, access_log: AccessLog):
+    def __init__(
+        self, *, direction: str, cluster: Cluster, idle_timeout: float, metrics: Metrics, access_log: AccessLog
+    ) -> None:
         self.direction = direction
         self.cluster = cluster
         self.idle_timeout = idle_timeout
@@ -62,7 +66,8 @@ class TcpProxy:
         rx = tx = 0
         mesh_error = endpoint = ""
         try:
-            peer = "%s:%d" % stream.socket.getpeername()[:2]
+            host, port = stream.socket.getpeername()[:2]
+            peer = f"{host}:{port}"
         except OSError:
             peer = ""
         self.metrics.connection_opened(self.direction, cluster.name)

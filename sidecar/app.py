@@ -100,8 +100,9 @@ class Sidecar:
                 handler = HttpProxy(
                     settings, cluster, metrics=self.metrics, access_log=self.access_log, drain=drain
                 ).handle
-            self.listeners.append((f"upstreams[{index}]:{upstream.service}", upstream.bind, handler,
-                                   upstream.limits.max_connections))
+            self.listeners.append(
+                (f"upstreams[{index}]:{upstream.service}", upstream.bind, handler, upstream.limits.max_connections)
+            )
 
     # -- admin views ---------------------------------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
@@ -121,8 +122,14 @@ class Sidecar:
                 "source": current.source if current else None,
                 "age_s": round(now - current.updated_at, 3) if current else None,
                 "endpoints": [
-                    {"address": str(e), "weight": e.weight, "healthy": e.healthy, "tags": list(e.tags),
-                     "meta": dict(e.meta), "idle_connections": cluster.pool.idle_count(e.key)}
+                    {
+                        "address": str(e),
+                        "weight": e.weight,
+                        "healthy": e.healthy,
+                        "tags": list(e.tags),
+                        "meta": dict(e.meta),
+                        "idle_connections": cluster.pool.idle_count(e.key),
+                    }
                     for e in (current.endpoints if current else ())
                 ],
             }
@@ -153,7 +160,8 @@ class Sidecar:
                         _serve, bind, handler, name, self.drain, max_connections, config.shutdown.drain_timeout
                     )
                 self.serving = True
-                log.info("sidecar ready", service=config.service.name, listeners={k: str(v) for k, v in self.bound.items()})
+                listening = {k: str(v) for k, v in self.bound.items()}
+                log.info("sidecar ready", service=config.service.name, listeners=listening)
                 task_status.started(dict(self.bound))
             log.info("drained", service=config.service.name)
             admin_drain.start()

@@ -30,9 +30,7 @@ class Process:
 
     def __init__(self, args: list[str], *, name: str) -> None:
         self.name = name
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
-        )
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -55,8 +53,10 @@ class Process:
             for line in self.lines:
                 if text in line:
                     return line
-        raise AssertionError(f"{self.name}: {text!r} not seen (exited={self.proc.poll()}, found={found}):\n"
-                             + "\n".join(self.lines[-30:]))
+        raise AssertionError(
+            f"{self.name}: {text!r} not seen (exited={self.proc.poll()}, found={found}):\n"
+            + "\n".join(self.lines[-30:])
+        )
 
     def events(self, event: str) -> list[dict]:
         out = []
@@ -128,8 +128,9 @@ class Mesh:
         proc.wait_for("sidecar ready")
         return proc
 
-    def pair(self, app_port: int, *, protocol: str = "http", outbound: dict | None = None,
-             inbound: dict | None = None) -> tuple[int, Process, Process]:
+    def pair(
+        self, app_port: int, *, protocol: str = "http", outbound: dict | None = None, inbound: dict | None = None
+    ) -> tuple[int, Process, Process]:
         """outbound sidecar (client app side) → inbound sidecar → app; returns (outbound port, out, in)."""
         in_port, out_port = free_port(), free_port()
         server = sidecar_config(
@@ -138,8 +139,15 @@ class Mesh:
         )
         client = sidecar_config(
             service={"name": "web", "app": "127.0.0.1:1"},
-            upstreams=[{"service": "api", "bind": f"127.0.0.1:{out_port}", "protocol": protocol, "tls": "off",
-                        **(outbound or {})}],
+            upstreams=[
+                {
+                    "service": "api",
+                    "bind": f"127.0.0.1:{out_port}",
+                    "protocol": protocol,
+                    "tls": "off",
+                    **(outbound or {}),
+                }
+            ],
             discovery={"static": {"api": [f"127.0.0.1:{in_port}"]}},
         )
         inbound_proc = self.sidecar(server, "inbound")

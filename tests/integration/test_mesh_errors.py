@@ -48,7 +48,7 @@ def test_connect_timeout_is_504_within_the_timeout(mesh) -> None:
     with socket.socket() as blackhole:
         blackhole.bind(("127.0.0.1", 0))
         blackhole.listen(0)
-        address = "127.0.0.1:%d" % blackhole.getsockname()[1]
+        address = f"127.0.0.1:{blackhole.getsockname()[1]}"
         fillers = []
         for _ in range(3):
             filler = socket.socket()

@@ -7,8 +7,14 @@ import pytest
 from .clients import backend_stats, header_of, raw_exchange, status_of
 
 CASES = {
-    "CL+TE": (b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
-    "TE+CL": (b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n", 400),
+    "CL+TE": (
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    "TE+CL": (
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+        400,
+    ),
     "duplicate CL": (b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
     "malformed CL": (b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3a\r\n\r\nabc", 400),
     "bare LF": (b"GET /status HTTP/1.1\nHost: a\n\n", 400),
@@ -19,11 +25,16 @@ CASES = {
     "missing Host": (b"GET /status HTTP/1.1\r\nX-A: b\r\n\r\n", 400),
     "two Hosts": (b"GET /status HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     "HTTP/1.0 with TE": (b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
-    "bad chunk line": (b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400),
+    "bad chunk line": (
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        400,
+    ),
     "TE gzip, chunked": (b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
     "TE identity": (b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n", 501),
     "101 header fields": (
-        b"GET /status HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n", 431),
+        b"GET /status HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n",
+        431,
+    ),
     "65 KiB header block": (b"GET /status HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * 66000 + b"\r\n\r\n", 431),
 }
 

@@ -160,7 +160,9 @@ def test_response_head_framing() -> None:
 
 
 def test_response_informational_then_final() -> None:
-    cont, final, body, end = parse_response(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nx")
+    cont, final, body, end = parse_response(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nx"
+    )
     assert cont.informational and cont.status == 100
     assert final.status == 201 and body == b"x" and end is END
 

@@ -1,0 +1,58 @@
+"""Architecture rules: mesh/ never imports sidecar/ or ca/; every module states its responsibility."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("mesh", "sidecar")
+
+
+def modules(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def imported_roots(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_mesh_never_imports_sidecar_or_ca_at_module_level() -> None:
+    offenders = []
+    for path in modules("mesh"):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:  # module level only: the CLI may import lazily inside functions
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("sidecar", "ca")]
+    assert offenders == []
+
+
+def test_only_the_cli_imports_sidecar_lazily() -> None:
+    lazy = [p.name for p in modules("mesh") if {"sidecar", "ca"} & imported_roots(p)]
+    assert lazy in ([], ["cli.py"])
+
+
+def test_sans_io_modules_do_not_import_trio() -> None:
+    for name in ("http1.py", "pool.py", "balancer.py", "config.py"):
+        assert "trio" not in imported_roots(ROOT / "mesh" / name), name
+
+
+def test_every_module_has_a_one_line_docstring() -> None:
+    missing = []
+    for package in PACKAGES:
+        for path in modules(package):
+            doc = ast.get_docstring(ast.parse(path.read_text()))
+            if not doc or not doc.splitlines()[0].strip():
+                missing.append(str(path.relative_to(ROOT)))
+    assert missing == []
