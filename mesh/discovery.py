@@ -191,9 +191,7 @@ class FileDiscovery:
             return
         self._reported_error = error
         if self._services is None:
-            self._log.error(
-                "registry unusable; its services stay unresolved", file=str(self.path), errors=exc.errors
-            )
+            self._log.error("registry unusable; its services stay unresolved", file=str(self.path), errors=exc.errors)
         else:
             self._log.warning(
                 "registry reload failed; keeping the last good endpoints",

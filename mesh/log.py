@@ -23,9 +23,7 @@ def _make_compact_json_encoder() -> Callable[[Any], str]:
     """
     if json.encoder.c_make_encoder is None:  # an interpreter without the _json accelerator
         return json.JSONEncoder(separators=(",", ":"), check_circular=False, default=str).encode
-    c_encoder = json.encoder.c_make_encoder(
-        None, str, _encode_json_string, None, ":", ",", False, False, True
-    )
+    c_encoder = json.encoder.c_make_encoder(None, str, _encode_json_string, None, ":", ",", False, False, True)
     return lambda obj: "".join(c_encoder(obj, 0))
 
 
@@ -99,9 +97,7 @@ def _level_number(level: str) -> int:
     try:
         return logging.getLevelNamesMapping()[level.upper()]
     except KeyError:
-        raise ValueError(
-            f"unknown log level {level!r}; use debug, info, warning, error or critical"
-        ) from None
+        raise ValueError(f"unknown log level {level!r}; use debug, info, warning, error or critical") from None
 
 
 def configure(level: str = "info", stream: TextIO = sys.stderr) -> None:
@@ -131,8 +127,8 @@ def get_logger(name: str) -> Any:
     would fix the configuration at import time.
 
     The logger named `ACCESS_LOGGER_NAME` ("access"), which `AccessLog` writes through, has a processor
-    chain of its own: one step that renders its flat events, about half the cost of the general chain. It
-    also ignores the configured level: access logging is switched by `AccessLog(enabled=...)`, so that a
+    chain of its own: one step that renders its flat events, about 30 % cheaper than the general chain.
+    It also ignores the configured level: access logging is switched by `AccessLog(enabled=...)`, so that a
     sidecar logging only warnings can keep its access log.
     """
     if name == ACCESS_LOGGER_NAME:

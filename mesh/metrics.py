@@ -89,9 +89,7 @@ class Metrics:
         self._upstream_connection_counters: dict[tuple[str, str], Counter] = {}
         self._error_counters: dict[tuple[str, str, str], Counter] = {}
 
-    def request_done(
-        self, direction: str, upstream: str, status: int, duration_s: float, rx: int, tx: int
-    ) -> None:
+    def request_done(self, direction: str, upstream: str, status: int, duration_s: float, rx: int, tx: int) -> None:
         """Record one finished HTTP request (any outcome, mesh errors included)."""
         key = (direction, upstream, status)
         children = self._request_children.get(key)
@@ -155,9 +153,7 @@ class Metrics:
         if counter is None:
             if event not in UPSTREAM_CONNECTION_EVENTS:
                 raise ValueError(f"unknown upstream connection event {event!r}")
-            counter = self._upstream_connection_counters[key] = self._upstream_connections.labels(
-                upstream, event
-            )
+            counter = self._upstream_connection_counters[key] = self._upstream_connections.labels(upstream, event)
         counter.inc()
 
     def render(self) -> tuple[bytes, str]:

@@ -38,9 +38,7 @@ def capture() -> CapturingLogger:
 
 
 def discovery(path: Path, capture: CapturingLogger) -> FileDiscovery:
-    logger = structlog.wrap_logger(
-        capture, processors=[], wrapper_class=structlog.make_filtering_bound_logger(0)
-    )
+    logger = structlog.wrap_logger(capture, processors=[], wrapper_class=structlog.make_filtering_bound_logger(0))
     return FileDiscovery(path, poll_interval=POLL, log=logger)
 
 

@@ -91,9 +91,7 @@ def test_mesh_errors_by_reason() -> None:
 def test_instances_do_not_share_samples() -> None:
     first, second = Metrics(), Metrics()
     first.request_done("outbound", "api", 200, 0.01, 1, 1)
-    assert (
-        value(second, "mesh_requests_total", direction="outbound", upstream="api", code_class="2xx") is None
-    )
+    assert value(second, "mesh_requests_total", direction="outbound", upstream="api", code_class="2xx") is None
 
 
 def test_every_metric_is_described_before_any_sample() -> None:
