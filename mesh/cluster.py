@@ -16,6 +16,7 @@ from mesh.discovery import Endpoint, EndpointSet
 from mesh.errors import CONNECT_TIMEOUT, MeshError, no_endpoints
 from mesh.metrics import Metrics
 from mesh.pool import IdlePool
+from mesh.timers import INF
 from mesh.watch import Watch
 
 log = structlog.get_logger("mesh.cluster")
@@ -100,9 +101,9 @@ class Cluster:
             self.metrics.upstream_conn(self.name, "reused")
         return conn
 
-    async def connect(self, endpoint: Endpoint) -> UpstreamConnection:
-        """Open a new connection; MeshError 502/504 with the reason when that fails."""
-        with trio.move_on_after(self.connect_timeout) as scope:
+    async def connect(self, endpoint: Endpoint, *, timeout: float | None) -> UpstreamConnection:
+        """Open a new connection; MeshError 502, or 504 after `timeout` (None: the caller bounds the time)."""
+        with trio.move_on_after(INF if timeout is None else timeout) as scope:
             try:
                 stream = await _open_stream(endpoint.host, endpoint.port)
             except OSError as exc:

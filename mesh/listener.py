@@ -9,6 +9,7 @@ import structlog
 import trio
 
 from mesh.config import Address
+from mesh.timers import Expiring
 
 log = structlog.get_logger("mesh.listener")
 
@@ -20,13 +21,13 @@ class Drain:
     """Process-wide shutdown state shared by listeners and connection handlers.
 
     `start()` stops every listener from accepting, makes in-flight responses carry `Connection: close`,
-    and wakes idle keep-alive connections so they close. Handlers register the cancel scope that guards
-    their wait for the next request while they are idle."""
+    and closes idle keep-alive connections. A handler registers itself with `idle()` while it waits for
+    the next request; `expire()` is then called on it when the drain begins."""
 
     def __init__(self) -> None:
         self.draining = False
         self.started = trio.Event()
-        self._idle: set[trio.CancelScope] = set()
+        self._idle: set[Expiring] = set()
 
     def __repr__(self) -> str:
         return f"<Drain draining={self.draining} idle={len(self._idle)}>"
@@ -36,18 +37,19 @@ class Drain:
             return
         self.draining = True
         self.started.set()
-        for scope in self._idle:
-            scope.cancel()
+        for item in list(self._idle):
+            item.expire()
+        self._idle.clear()
 
-    def idle(self, scope: trio.CancelScope) -> None:
-        """Register an idle connection's wait; it is cancelled at once if the drain has begun."""
+    def idle(self, item: Expiring) -> None:
+        """Register an idle connection; it expires at once if the drain has begun."""
         if self.draining:
-            scope.cancel()
+            item.expire()
         else:
-            self._idle.add(scope)
+            self._idle.add(item)
 
-    def busy(self, scope: trio.CancelScope) -> None:
-        self._idle.discard(scope)
+    def busy(self, item: Expiring) -> None:
+        self._idle.discard(item)
 
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]

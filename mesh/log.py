@@ -93,6 +93,50 @@ def _render_access_event(_logger: Any, method_name: str, event_dict: EventDict) 
     return head + "," + _encode_compact_json(event_dict)[1:] if event_dict else head + "}"
 
 
+class _AccessWriter:
+    """Collects rendered access-log lines and writes them in batches: one write per batch, not per request.
+
+    A batch is written when it reaches 64 KiB or when `flush_access_log()` is called (the sidecar does so
+    every 200 ms and at exit), so a line appears at most that late."""
+
+    name = ACCESS_LOGGER_NAME
+    limit = 65536
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream  # None: standard output, as structlog writes before `configure`
+        self.lines: list[str] = []
+        self.size = 0
+
+    def msg(self, message: str) -> None:
+        self.lines.append(message)
+        self.size += len(message)
+        if self.size >= self.limit:
+            self.flush()
+
+    info = msg
+
+    def flush(self) -> None:
+        if self.lines:
+            lines, self.lines, self.size = self.lines, [], 0
+            stream = self.stream or sys.stdout
+            stream.write("\n".join(lines) + "\n")
+            stream.flush()
+
+
+_access_writer = _AccessWriter(None)
+
+
+def flush_access_log() -> None:
+    """Write out the access-log lines collected so far."""
+    _access_writer.flush()
+
+
+def reset_access_stream() -> None:
+    """Flush, then send access lines to standard output again, as before `configure` (for tests)."""
+    _access_writer.flush()
+    _access_writer.stream = None
+
+
 def _level_number(level: str) -> int:
     try:
         return logging.getLevelNamesMapping()[level.upper()]
@@ -111,6 +155,8 @@ def configure(level: str = "info", stream: TextIO = sys.stderr) -> None:
         structlog.processors.format_exc_info,
         structlog.processors.JSONRenderer(),
     ]
+    _access_writer.flush()
+    _access_writer.stream = stream
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_level_number(level)),
@@ -133,10 +179,9 @@ def get_logger(name: str) -> Any:
     """
     if name == ACCESS_LOGGER_NAME:
         return structlog.wrap_logger(
-            None,
+            _access_writer,
             processors=[_render_access_event],
             wrapper_class=_AccessLevelLogger,
-            logger_factory_args=(name,),
         )
     return structlog.get_logger(name)
 

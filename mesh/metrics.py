@@ -1,7 +1,11 @@
 """Prometheus metrics of one sidecar: cheap per-request recording and the text exposition."""
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from bisect import bisect_left
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 # What the library serves a scraper that states no preference: generate_latest with the 0.0.4 text format's
 # content type, which every Prometheus version reads (CONTENT_TYPE_LATEST says 1.0.0 in recent releases).
@@ -29,51 +33,39 @@ REQUEST_DURATION_BUCKETS = (
 UPSTREAM_CONNECTION_EVENTS = ("opened", "reused", "closed_idle", "stale")
 
 
+class _RequestCell:
+    """Plain counters for one (direction, upstream, status); cells share the duration histogram of their pair."""
+
+    __slots__ = ("bytes", "count", "histogram")
+
+    def __init__(self, histogram: list[float], byte_counts: list[int]) -> None:
+        self.count = 0
+        self.histogram = histogram  # [bucket counts..., +Inf count, sum]
+        self.bytes = byte_counts  # [rx, tx]
+
+
 class Metrics:
     """The mesh_* metrics, in a registry of their own so that several instances (and tests) never collide.
 
-    Labelled children are looked up once per label combination and kept in dicts, so recording a request
-    costs one dict lookup plus the increments. `direction` is "inbound" or "outbound"; byte counts are from
-    the mesh's side of the listener: `rx` received from the caller, `tx` sent back to it.
+    The per-request metrics (requests, durations, bytes, pool reuse) are plain Python numbers that a
+    custom collector turns into Prometheus samples at scrape time: recording a request is a dict lookup
+    and a few additions, with no lock and no label resolution. Rarer events use prometheus_client's own
+    Counter and Gauge. `direction` is "inbound" or "outbound"; `rx` is what the mesh received from the
+    caller, `tx` what it sent back.
     """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._requests = Counter(
-            "mesh_requests",
-            "HTTP requests completed, by status class (1xx-5xx).",
-            ["direction", "upstream", "code_class"],
-            registry=self.registry,
-        )
-        self._request_duration = Histogram(
-            "mesh_request_duration_seconds",
-            "Time from the request head arriving to the response being complete.",
-            ["direction", "upstream"],
-            buckets=REQUEST_DURATION_BUCKETS,
-            registry=self.registry,
-        )
+        self._cells: dict[tuple[str, str, int], _RequestCell] = {}
+        self._histograms: dict[tuple[str, str], list[float]] = {}
+        self._bytes: dict[tuple[str, str], list[int]] = {}
+        self._tcp_connections: dict[tuple[str, str], int] = {}
+        self._pool_events: dict[tuple[str, str], int] = {}
+        self.registry.register(_HotPathCollector(self))
         self._active_connections = Gauge(
             "mesh_active_connections",
             "Client connections currently open on a listener.",
             ["direction", "listener"],
-            registry=self.registry,
-        )
-        self._tcp_connections = Counter(
-            "mesh_tcp_connections",
-            "Opaque TCP connections proxied to completion.",
-            ["direction", "upstream"],
-            registry=self.registry,
-        )
-        self._bytes = Counter(
-            "mesh_bytes",
-            "Payload bytes proxied; flow rx = received from the caller, tx = sent back to it.",
-            ["direction", "upstream", "flow"],
-            registry=self.registry,
-        )
-        self._upstream_connections = Counter(
-            "mesh_upstream_connections",
-            "Connection pool events towards upstream endpoints: opened, reused, closed_idle, stale.",
-            ["upstream", "event"],
             registry=self.registry,
         )
         self._mesh_errors = Counter(
@@ -82,48 +74,42 @@ class Metrics:
             ["direction", "upstream", "reason"],
             registry=self.registry,
         )
-        # (direction, upstream, status) -> (request counter, duration histogram, rx counter, tx counter)
-        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram, Counter, Counter]] = {}
-        self._tcp_children: dict[tuple[str, str], tuple[Counter, Counter, Counter]] = {}
         self._connection_gauges: dict[tuple[str, str], Gauge] = {}
-        self._upstream_connection_counters: dict[tuple[str, str], Counter] = {}
         self._error_counters: dict[tuple[str, str, str], Counter] = {}
+
+    def _byte_counts(self, direction: str, upstream: str) -> list[int]:
+        counts = self._bytes.get((direction, upstream))
+        if counts is None:
+            counts = self._bytes[(direction, upstream)] = [0, 0]
+        return counts
+
+    def _new_cell(self, key: tuple[str, str, int]) -> _RequestCell:
+        pair = key[:2]
+        histogram = self._histograms.get(pair)
+        if histogram is None:
+            histogram = self._histograms[pair] = [0.0] * (len(REQUEST_DURATION_BUCKETS) + 2)
+        cell = self._cells[key] = _RequestCell(histogram, self._byte_counts(*pair))
+        return cell
 
     def request_done(self, direction: str, upstream: str, status: int, duration_s: float, rx: int, tx: int) -> None:
         """Record one finished HTTP request (any outcome, mesh errors included)."""
         key = (direction, upstream, status)
-        children = self._request_children.get(key)
-        if children is None:
-            children = self._request_children[key] = (
-                self._requests.labels(direction, upstream, f"{status // 100}xx"),
-                self._request_duration.labels(direction, upstream),
-                self._bytes.labels(direction, upstream, "rx"),
-                self._bytes.labels(direction, upstream, "tx"),
-            )
-        requests, duration, received, sent = children
-        requests.inc()
-        duration.observe(duration_s)
-        if rx:
-            received.inc(rx)
-        if tx:
-            sent.inc(tx)
+        cell = self._cells.get(key) or self._new_cell(key)
+        cell.count += 1
+        histogram = cell.histogram
+        histogram[bisect_left(REQUEST_DURATION_BUCKETS, duration_s)] += 1
+        histogram[-1] += duration_s
+        byte_counts = cell.bytes
+        byte_counts[0] += rx
+        byte_counts[1] += tx
 
     def tcp_done(self, direction: str, upstream: str, rx: int, tx: int) -> None:
         """Record one finished opaque TCP connection and the bytes it carried."""
         key = (direction, upstream)
-        children = self._tcp_children.get(key)
-        if children is None:
-            children = self._tcp_children[key] = (
-                self._tcp_connections.labels(direction, upstream),
-                self._bytes.labels(direction, upstream, "rx"),
-                self._bytes.labels(direction, upstream, "tx"),
-            )
-        connections, received, sent = children
-        connections.inc()
-        if rx:
-            received.inc(rx)
-        if tx:
-            sent.inc(tx)
+        self._tcp_connections[key] = self._tcp_connections.get(key, 0) + 1
+        byte_counts = self._byte_counts(direction, upstream)
+        byte_counts[0] += rx
+        byte_counts[1] += tx
 
     def error(self, direction: str, upstream: str, reason: str) -> None:
         """Count an error the mesh produced itself, by its reason (e.g. "upstream connect timeout")."""
@@ -149,13 +135,80 @@ class Metrics:
     def upstream_conn(self, upstream: str, event: str) -> None:
         """Count a pool event: "opened", "reused", "closed_idle" or "stale" (found closed when taken)."""
         key = (upstream, event)
-        counter = self._upstream_connection_counters.get(key)
-        if counter is None:
+        count = self._pool_events.get(key)
+        if count is None:
             if event not in UPSTREAM_CONNECTION_EVENTS:
                 raise ValueError(f"unknown upstream connection event {event!r}")
-            counter = self._upstream_connection_counters[key] = self._upstream_connections.labels(upstream, event)
-        counter.inc()
+            count = 0
+        self._pool_events[key] = count + 1
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every metric: (body, content type)."""
         return _generate_text(self.registry), _TEXT_CONTENT_TYPE
+
+
+class _HotPathCollector:
+    """Exposes the plain counters of `Metrics` as Prometheus counter and histogram families."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families()
+
+    def _families(self) -> Iterator[Metric]:
+        m = self.metrics
+        requests = CounterMetricFamily(
+            "mesh_requests",
+            "HTTP requests completed, by status class (1xx-5xx).",
+            labels=["direction", "upstream", "code_class"],
+        )
+        by_class: dict[tuple[str, str, str], int] = {}
+        for (direction, upstream, status), cell in m._cells.items():
+            key = (direction, upstream, f"{status // 100}xx")
+            by_class[key] = by_class.get(key, 0) + cell.count
+        for labels, count in sorted(by_class.items()):
+            requests.add_metric(list(labels), count)
+        yield requests
+        durations = HistogramMetricFamily(
+            "mesh_request_duration_seconds",
+            "Time from the request head arriving to the response being complete.",
+            labels=["direction", "upstream"],
+        )
+        for labels, histogram in sorted(m._histograms.items()):
+            cumulative, buckets = 0.0, []
+            for bound, count in zip((*REQUEST_DURATION_BUCKETS, float("inf")), histogram[:-1], strict=True):
+                cumulative += count
+                buckets.append((_bound_label(bound), cumulative))
+            durations.add_metric(list(labels), buckets, histogram[-1])
+        yield durations
+        tcp = CounterMetricFamily(
+            "mesh_tcp_connections", "Opaque TCP connections proxied to completion.", labels=["direction", "upstream"]
+        )
+        for labels, count in sorted(m._tcp_connections.items()):
+            tcp.add_metric(list(labels), count)
+        yield tcp
+        payload = CounterMetricFamily(
+            "mesh_bytes",
+            "Payload bytes proxied; flow rx = received from the caller, tx = sent back to it.",
+            labels=["direction", "upstream", "flow"],
+        )
+        for (direction, upstream), (rx, tx) in sorted(m._bytes.items()):
+            payload.add_metric([direction, upstream, "rx"], rx)
+            payload.add_metric([direction, upstream, "tx"], tx)
+        yield payload
+        pool = CounterMetricFamily(
+            "mesh_upstream_connections",
+            "Connection pool events towards upstream endpoints: opened, reused, closed_idle, stale.",
+            labels=["upstream", "event"],
+        )
+        for labels, count in sorted(m._pool_events.items()):
+            pool.add_metric(list(labels), count)
+        yield pool
+
+
+def _bound_label(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+from random import getrandbits
 
 import structlog
 import trio
@@ -11,12 +11,13 @@ import trio
 from mesh import http1
 from mesh.cluster import Cluster, UpstreamConnection
 from mesh.config import Limits, Timeouts
-from mesh.errors import REQUEST_TIMEOUT, MeshError
+from mesh.errors import CONNECT_TIMEOUT, REQUEST_TIMEOUT, MeshError
 from mesh.http1 import END, ProtocolError, RequestHead, RequestReader, ResponseHead, ResponseReader, Trailers
 from mesh.listener import Drain
 from mesh.log import AccessLog
 from mesh.metrics import Metrics
 from mesh.tcp import splice
+from mesh.timers import INF, Sweeper
 
 log = structlog.get_logger("mesh.proxy")
 
@@ -24,6 +25,9 @@ READ_SIZE = 65536
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _EMPTY_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+# What a connection is waiting for, which decides what happens when its deadline passes.
+_IDLE, _HEAD, _CONNECT, _REQUEST, _STALL = range(5)
 
 
 class DownstreamGone(Exception):
@@ -57,12 +61,14 @@ class HttpProxy:
         metrics: Metrics,
         access_log: AccessLog,
         drain: Drain,
+        sweeper: Sweeper,
     ) -> None:
         self.settings = settings
         self.cluster = cluster
         self.metrics = metrics
         self.access_log = access_log
         self.drain = drain
+        self.sweeper = sweeper
 
     def __repr__(self) -> str:
         return f"<HttpProxy {self.settings.direction} {self.settings.upstream} {self.cluster!r}>"
@@ -104,11 +110,30 @@ class _Exchange:
 class _Downstream:
     """One downstream connection: a loop of request → response exchanges."""
 
-    __slots__ = ("limits", "peer_ip", "proxy", "reader", "stream", "timeouts")
+    __slots__ = (
+        "deadline",
+        "exchange",
+        "limits",
+        "peer_ip",
+        "proxy",
+        "reader",
+        "stream",
+        "timeouts",
+        "timer",
+        "upstream",
+        "waiting_for",
+    )
 
     def __init__(self, proxy: HttpProxy, stream: trio.SocketStream) -> None:
         self.proxy = proxy
         self.stream = stream
+        # Timeouts: `deadline` (trio clock) and `waiting_for` change freely on the hot path; the sweeper
+        # cancels `timer`, which wraps the whole connection, once the deadline passes.
+        self.deadline = INF
+        self.waiting_for = _IDLE
+        self.timer = trio.CancelScope()
+        self.exchange: tuple[RequestHead, _Exchange, float] | None = None
+        self.upstream: UpstreamConnection | None = None
         self.timeouts = proxy.settings.timeouts
         self.limits = limits = proxy.settings.limits
         self.reader = RequestReader(
@@ -121,7 +146,24 @@ class _Downstream:
         except OSError:
             self.peer_ip = b""
 
+    def expire(self) -> None:
+        self.timer.cancel()
+
     async def serve(self) -> None:
+        sweeper = self.proxy.sweeper
+        sweeper.add(self)
+        try:
+            with self.timer:
+                await self._serve_requests()
+            if self.timer.cancelled_caught:
+                await self._timed_out()
+        finally:
+            sweeper.discard(self)
+            self.proxy.drain.busy(self)
+            if self.upstream is not None:
+                self.upstream.close()
+
+    async def _serve_requests(self) -> None:
         while True:
             try:
                 head = await self._next_head()
@@ -133,6 +175,27 @@ class _Downstream:
                 return
             if not await self._exchange(head):
                 return
+
+    async def _timed_out(self) -> None:
+        """The connection's deadline passed (or a drain closed it while idle): answer what is due, then close."""
+        waiting_for = self.waiting_for
+        if waiting_for == _IDLE:
+            return
+        if waiting_for == _HEAD:
+            exc = ProtocolError(408, "request header timeout")
+            self._rejected(exc)
+            await self._send_error_quietly(exc.status, exc.reason)
+            return
+        assert self.exchange is not None
+        head, ex, start = self.exchange
+        error = {_CONNECT: CONNECT_TIMEOUT, _REQUEST: REQUEST_TIMEOUT}.get(waiting_for)
+        if error is None:
+            error = MeshError(504, "upstream response stalled past the idle timeout")
+        ex.mesh_error = error.reason
+        if not ex.response_started:
+            ex.request_done = False  # whatever remains of the request body is abandoned with the connection
+            await self._send_mesh_error(error.status, error.reason, head, ex)
+        self._finish(head, ex, start)
 
     def _rejected(self, exc: ProtocolError) -> None:
         settings = self.proxy.settings
@@ -149,32 +212,29 @@ class _Downstream:
 
     # -- reading from downstream ---------------------------------------------------------------------------
     async def _next_head(self) -> RequestHead | None:
-        """The next request head, or None when the connection should close (EOF, idle timeout, drain)."""
+        """The next request head, or None when the connection should close (EOF or a drain)."""
         reader = self.reader
         event = reader.next_event()
         if event is not None:
             return event  # a pipelined request already parsed
         drain = self.proxy.drain
-        idle_deadline = trio.current_time() + self.timeouts.idle
-        head_deadline = None
+        if drain.draining:
+            return None
+        self.deadline = trio.current_time() + self.timeouts.idle
+        self.waiting_for = _IDLE
         while True:
             in_head = reader.in_head
-            if in_head and head_deadline is None:
-                head_deadline = trio.current_time() + self.timeouts.request_headers
-            scope = trio.CancelScope(deadline=head_deadline if in_head else idle_deadline)
+            if in_head and self.waiting_for == _IDLE:
+                self.deadline = trio.current_time() + self.timeouts.request_headers
+                self.waiting_for = _HEAD
             if not in_head:
-                drain.idle(scope)
+                drain.idle(self)
             try:
-                with scope:
-                    data = await self.stream.receive_some(READ_SIZE)
+                data = await self.stream.receive_some(READ_SIZE)
             except _STREAM_ERRORS:
                 return None
             finally:
-                drain.busy(scope)
-            if scope.cancelled_caught:
-                if in_head and not drain.draining:
-                    raise ProtocolError(408, "request header timeout")
-                return None
+                drain.busy(self)
             if not data:
                 if in_head:
                     raise ProtocolError(400, "connection closed mid-request")
@@ -226,9 +286,9 @@ class _Downstream:
     # -- one exchange --------------------------------------------------------------------------------------
     async def _exchange(self, head: RequestHead) -> bool:
         """Forward one request and its response; True if the downstream connection stays open."""
-        proxy = self.proxy
         start = trio.current_time()
         ex = _Exchange()
+        self.exchange = (head, ex, start)
         keep_alive = False
         try:
             keep_alive = await self._forward(head, ex, start)
@@ -248,6 +308,16 @@ class _Downstream:
         except _STREAM_ERRORS:
             if not ex.mesh_error:
                 ex.mesh_error = "downstream connection lost"
+        if self.upstream is not None:  # the exchange failed while holding it: its state is unknown
+            self.upstream.close()
+            self.upstream = None
+        self._finish(head, ex, start)
+        return keep_alive
+
+    def _finish(self, head: RequestHead, ex: _Exchange, start: float) -> None:
+        """Record one exchange's outcome: metrics and the access-log event."""
+        self.exchange = None
+        proxy = self.proxy
         duration = trio.current_time() - start
         settings = proxy.settings
         if ex.status:
@@ -268,7 +338,6 @@ class _Downstream:
             mesh_error=ex.mesh_error,
             request_id=ex.request_id.decode("latin-1"),
         )
-        return keep_alive
 
     def _upstream_headers(self, head: RequestHead, ex: _Exchange) -> list[tuple[bytes, bytes]]:
         headers = head.headers
@@ -309,7 +378,9 @@ class _Downstream:
         endpoint = cluster.pick()
         ex.endpoint = str(endpoint)
         request_timeout = self.timeouts.request
-        deadline = start + request_timeout if request_timeout > 0 else float("inf")
+        deadline = start + request_timeout if request_timeout > 0 else INF
+        self.deadline = deadline
+        self.waiting_for = _REQUEST
         head_bytes = http1.request_head_bytes(head.method, head.target, self._upstream_headers(head, ex))
         body, body_complete = self._available_body(head, ex)
         if body:
@@ -321,34 +392,34 @@ class _Downstream:
         while True:
             reused = conn is not None
             if conn is None:
-                with trio.move_on_at(deadline) as scope:
-                    conn = await cluster.connect(endpoint)
-                if scope.cancelled_caught:
-                    raise REQUEST_TIMEOUT
+                connect_deadline = trio.current_time() + self.timeouts.connect
+                if connect_deadline < deadline:
+                    self.deadline = connect_deadline
+                    self.waiting_for = _CONNECT
+                conn = await cluster.connect(endpoint, timeout=None)  # the sweeper bounds it
+                self.deadline = deadline
+                self.waiting_for = _REQUEST
             conn.requests += 1
+            self.upstream = conn
             try:
                 if body_complete:
-                    return await self._send_and_relay(head, head_bytes, conn, ex, deadline)
-                return await self._send_streaming(head, head_bytes, conn, ex, deadline)
+                    return await self._send_and_relay(head, head_bytes, conn, ex)
+                return await self._send_streaming(head, head_bytes, conn, ex)
             except _UpstreamLost as lost:
                 conn.close()
-                conn = None
+                self.upstream = conn = None
                 if not (reused and replayable and not lost.response_bytes):
                     raise MeshError(502, lost.reason) from None
                 log.debug("retrying on a new connection", upstream=cluster.name, endpoint=ex.endpoint)
 
-    async def _send_and_relay(
-        self, head: RequestHead, data: bytes, conn: UpstreamConnection, ex: _Exchange, deadline: float
-    ) -> bool:
+    async def _send_and_relay(self, head: RequestHead, data: bytes, conn: UpstreamConnection, ex: _Exchange) -> bool:
         try:
             await conn.stream.send_all(data)
         except _STREAM_ERRORS:
             raise _UpstreamLost("upstream connection lost while sending the request", 0) from None
-        return await self._relay_response(head, conn, ex, deadline, pump=None)
+        return await self._relay_response(head, conn, ex, pump=None)
 
-    async def _send_streaming(
-        self, head: RequestHead, data: bytes, conn: UpstreamConnection, ex: _Exchange, deadline: float
-    ) -> bool:
+    async def _send_streaming(self, head: RequestHead, data: bytes, conn: UpstreamConnection, ex: _Exchange) -> bool:
         pump = _BodyPump(self, head, conn, ex)
         try:
             await conn.stream.send_all(data)
@@ -358,7 +429,7 @@ class _Downstream:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump.run)
             try:
-                keep_alive = await self._relay_response(head, conn, ex, deadline, pump=pump)
+                keep_alive = await self._relay_response(head, conn, ex, pump=pump)
             except _UpstreamLost as lost:
                 conn.close()
                 if pump.error is not None:
@@ -371,7 +442,7 @@ class _Downstream:
         return keep_alive and ex.request_done
 
     async def _relay_response(
-        self, head: RequestHead, conn: UpstreamConnection, ex: _Exchange, deadline: float, pump: _BodyPump | None
+        self, head: RequestHead, conn: UpstreamConnection, ex: _Exchange, pump: _BodyPump | None
     ) -> bool:
         limits = self.limits
         reader = ResponseReader(
@@ -382,41 +453,37 @@ class _Downstream:
         upstream = conn.stream
         downstream = self.stream
         received = 0
-        with trio.move_on_at(deadline) as timeout:
-            while True:
-                event = reader.next_event()
-                if event is None:
+        while True:
+            event = reader.next_event()
+            if event is None:
+                try:
+                    data = await upstream.receive_some(READ_SIZE)
+                except _STREAM_ERRORS:
+                    data = b""
+                if not data:
+                    if received == 0:
+                        raise _UpstreamLost("upstream closed the connection before responding", 0)
                     try:
-                        data = await upstream.receive_some(READ_SIZE)
-                    except _STREAM_ERRORS:
-                        data = b""
-                    if not data:
-                        if received == 0:
-                            raise _UpstreamLost("upstream closed the connection before responding", 0)
-                        try:
-                            reader.feed_eof()
-                        except ProtocolError:
-                            conn.close()
-                            raise MeshError(502, "upstream closed the connection mid-response") from None
-                        continue
-                    received += len(data)
-                    try:
-                        reader.feed(data)
-                    except ProtocolError as exc:
+                        reader.feed_eof()
+                    except ProtocolError:
                         conn.close()
-                        raise MeshError(502, f"invalid response from upstream: {exc.reason}") from None
+                        raise MeshError(502, "upstream closed the connection mid-response") from None
                     continue
-                if type(event) is not ResponseHead:
+                received += len(data)
+                try:
+                    reader.feed(data)
+                except ProtocolError as exc:
                     conn.close()
-                    raise MeshError(502, "invalid response from upstream")
-                if event.informational:
-                    if not head.http10:
-                        await downstream.send_all(http1.response_head_bytes(event.status, event.reason, event.headers))
-                    continue
-                break
-        if timeout.cancelled_caught:
-            conn.close()
-            raise REQUEST_TIMEOUT
+                    raise MeshError(502, f"invalid response from upstream: {exc.reason}") from None
+                continue
+            if type(event) is not ResponseHead:
+                conn.close()
+                raise MeshError(502, "invalid response from upstream")
+            if event.informational:
+                if not head.http10:
+                    await downstream.send_all(http1.response_head_bytes(event.status, event.reason, event.headers))
+                continue
+            break
         response: ResponseHead = event
         ex.status = response.status
         if response.upgrade:
@@ -456,19 +523,19 @@ class _Downstream:
         if complete:
             reader.next_event()  # END
         ex.response_started = True
+        self.waiting_for = _STALL
         while not complete:
             event = reader.next_event()
             if event is None:
                 if out:
+                    self.deadline = trio.current_time() + idle
                     await downstream.send_all(b"".join(out))
                     out = []
-                with trio.move_on_after(idle) as scope:
-                    try:
-                        data = await upstream.receive_some(READ_SIZE)
-                    except _STREAM_ERRORS:
-                        data = b""
-                if scope.cancelled_caught:
-                    raise MeshError(504, "upstream response stalled past the idle timeout")
+                self.deadline = trio.current_time() + idle
+                try:
+                    data = await upstream.receive_some(READ_SIZE)
+                except _STREAM_ERRORS:
+                    data = b""
                 try:
                     if data:
                         reader.feed(data)
@@ -490,7 +557,9 @@ class _Downstream:
                 ex.tx += len(event)
                 out.append(http1.chunk_bytes(event) if chunked_out else event)
         if out:
+            self.deadline = trio.current_time() + idle
             await downstream.send_all(b"".join(out))
+        self.deadline = INF
         if pump is not None and not pump.finished:
             if pump.body_read:
                 # The whole body came from downstream; its last bytes are being handed to the upstream.
@@ -500,6 +569,7 @@ class _Downstream:
                 conn.close()
                 return False
         reusable = response.keep_alive and not response.until_close and ex.request_done and head.upgrade is None
+        self.upstream = None
         proxy.cluster.release(conn, reusable=reusable)
         return keep_alive and ex.request_done
 
@@ -511,6 +581,7 @@ class _Downstream:
             conn.close()
             raise MeshError(502, "upstream switched protocols without an upgrade request")
         ex.response_started = True
+        self.deadline = INF  # the splice keeps its own idle timeout
         downstream = self.stream
         first_down = http1.response_head_bytes(response.status, response.reason, response.headers)
         await downstream.send_all(first_down + (reader.upgraded_data or b""))
@@ -523,6 +594,7 @@ class _Downstream:
             ex.tx += tx
         finally:
             conn.close()
+            self.upstream = None
         return False
 
     # -- answering errors ----------------------------------------------------------------------------------
@@ -612,5 +684,6 @@ class _BodyPump:
 
 
 def _new_request_id() -> bytes:
-    raw = os.urandom(16).hex().encode()
+    """A random UUID-shaped id; a request id needs uniqueness, not secrecy, so no system call is spent on it."""
+    raw = b"%032x" % getrandbits(128)
     return b"%s-%s-%s-%s-%s" % (raw[:8], raw[8:12], raw[12:16], raw[16:20], raw[20:])

@@ -74,7 +74,7 @@ class TcpProxy:
         try:
             chosen = cluster.pick()
             endpoint = str(chosen)
-            conn = await cluster.connect(chosen)
+            conn = await cluster.connect(chosen, timeout=cluster.connect_timeout)
             try:
                 rx, tx = await splice(stream, conn.stream, idle_timeout=self.idle_timeout)
             finally:

@@ -18,6 +18,7 @@ from mesh.listener import Drain, serve_tcp
 from mesh.metrics import Metrics
 from mesh.proxy import HttpProxy, HttpProxySettings
 from mesh.tcp import TcpProxy
+from mesh.timers import Sweeper
 from mesh.watch import Watch
 
 log = structlog.get_logger("sidecar")
@@ -34,6 +35,7 @@ class Sidecar:
         self.metrics = Metrics()
         self.access_log = mesh_log.AccessLog(config.log.access_log, mesh_log.get_logger("access"))
         self.drain = Drain()
+        self.sweeper = Sweeper()
         self.discovery = discovery_from_settings(config.discovery) if config.discovery else None
         self.clusters: list[Cluster] = []
         self.listeners: list[tuple[str, Address, Any, int]] = []  # (name, bind, handler, max_connections)
@@ -73,7 +75,12 @@ class Sidecar:
             else:
                 settings = HttpProxySettings("inbound", cluster.name, inbound.timeouts, inbound.limits)
                 handler = HttpProxy(
-                    settings, cluster, metrics=self.metrics, access_log=self.access_log, drain=drain
+                    settings,
+                    cluster,
+                    metrics=self.metrics,
+                    access_log=self.access_log,
+                    drain=drain,
+                    sweeper=self.sweeper,
                 ).handle
             self.listeners.append(("inbound", inbound.bind, handler, inbound.limits.max_connections))
         for index, upstream in enumerate(config.upstreams):
@@ -98,7 +105,12 @@ class Sidecar:
             else:
                 settings = HttpProxySettings("outbound", upstream.service, upstream.timeouts, upstream.limits)
                 handler = HttpProxy(
-                    settings, cluster, metrics=self.metrics, access_log=self.access_log, drain=drain
+                    settings,
+                    cluster,
+                    metrics=self.metrics,
+                    access_log=self.access_log,
+                    drain=drain,
+                    sweeper=self.sweeper,
                 ).handle
             self.listeners.append(
                 (f"upstreams[{index}]:{upstream.service}", upstream.bind, handler, upstream.limits.max_connections)
@@ -149,6 +161,8 @@ class Sidecar:
         async with trio.open_nursery() as background:
             if self.discovery is not None:
                 await background.start(self.discovery.run)
+            background.start_soon(self.sweeper.run)
+            background.start_soon(_flush_access_log_periodically)
             for cluster in self.clusters:
                 background.start_soon(cluster.maintain)
             self.bound["admin"] = await background.start(
@@ -166,6 +180,15 @@ class Sidecar:
             log.info("drained", service=config.service.name)
             admin_drain.start()
             background.cancel_scope.cancel()
+
+
+async def _flush_access_log_periodically() -> None:
+    try:
+        while True:
+            await trio.sleep(0.2)
+            mesh_log.flush_access_log()
+    finally:
+        mesh_log.flush_access_log()
 
 
 async def _serve(

@@ -44,9 +44,11 @@ TCP_FIELDS: dict[str, Any] = {
 def _restore_structlog_defaults() -> Iterator[None]:
     yield
     structlog.reset_defaults()
+    log.reset_access_stream()
 
 
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    log.flush_access_log()  # access lines are written in batches
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
@@ -169,4 +171,5 @@ def test_access_log_accepts_any_structlog_logger() -> None:
 
 def test_access_log_without_configure_still_writes_json(capsys: pytest.CaptureFixture[str]) -> None:
     log.AccessLog(True, log.get_logger(log.ACCESS_LOGGER_NAME)).tcp(**TCP_FIELDS)
+    log.flush_access_log()
     assert json.loads(capsys.readouterr().out)["event"] == "tcp_connection"
