@@ -6,6 +6,7 @@ import errno
 import ipaddress
 import select
 import socket
+from typing import Any
 
 import structlog
 import trio
@@ -25,13 +26,14 @@ log = structlog.get_logger("mesh.cluster")
 class UpstreamConnection:
     """One transport connection to an endpoint, owned by whoever holds it (the pool while idle)."""
 
-    __slots__ = ("endpoint", "fd", "requests", "stream")
+    __slots__ = ("endpoint", "fd", "reader", "requests", "stream")
 
     def __init__(self, stream: trio.SocketStream, endpoint: Endpoint) -> None:
         self.stream = stream
         self.endpoint = endpoint
         self.fd = stream.socket.fileno()
         self.requests = 0
+        self.reader: Any = None  # the response parser, kept across keep-alive exchanges by the protocol code
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.endpoint} fd={self.fd} requests={self.requests}>"

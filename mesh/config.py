@@ -229,8 +229,7 @@ _SERVICE_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 def _check_service_name(value: object) -> str:
     if not isinstance(value, str) or not _SERVICE_NAME.fullmatch(value):
         raise ValueError(
-            f"invalid service name {_show(value)}: use 1-63 lowercase letters, digits and '-', "
-            "starting with a letter"
+            f"invalid service name {_show(value)}: use 1-63 lowercase letters, digits and '-', starting with a letter"
         )
     return value
 
@@ -244,9 +243,7 @@ _PATH_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,63}")
 
 def _check_trust_domain(value: object) -> str:
     if not isinstance(value, str) or not _TRUST_DOMAIN.fullmatch(value):
-        raise ValueError(
-            f"invalid trust domain {_show(value)}: use lowercase letters, digits, '.', '-' and '_'"
-        )
+        raise ValueError(f"invalid trust domain {_show(value)}: use lowercase letters, digits, '.', '-' and '_'")
     return value
 
 
@@ -296,9 +293,7 @@ class MeshSettings(_Model):
 class Timeouts(_Model):
     """Time limits of one listener or upstream."""
 
-    connect: Duration = Field(
-        1.0, description="Longest wait for a TCP (and TLS) connection to be established."
-    )
+    connect: Duration = Field(1.0, description="Longest wait for a TCP (and TLS) connection to be established.")
     request_headers: Duration = Field(10.0, description="Longest wait for a client to send the request head.")
     request: Duration = Field(15.0, description="Whole-request deadline including retries; 0 turns it off.")
     idle: Duration = Field(3600.0, description="An idle client connection is closed after this long.")
@@ -307,9 +302,7 @@ class Timeouts(_Model):
 class Limits(_Model):
     """Resource limits of one listener or upstream."""
 
-    max_connections: int = Field(
-        10000, ge=1, description="Most client connections open at once per listener."
-    )
+    max_connections: int = Field(10000, ge=1, description="Most client connections open at once per listener.")
     max_header_bytes: Annotated[Size, Field(ge=1)] = Field(
         64 * 1024, description="Largest request or response head; a larger request head gets 431."
     )
@@ -361,16 +354,12 @@ class UpstreamSettings(_Model):
 
     service: ServiceName = Field(description="The mesh service this listener leads to.")
     bind: AddressField = Field(description="Local address the application calls for this service.")
-    protocol: Literal["http", "tcp"] = Field(
-        "http", description="What the application speaks to the listener."
-    )
+    protocol: Literal["http", "tcp"] = Field("http", description="What the application speaks to the listener.")
     tls: Literal["mutual", "off"] = Field(
         "mutual",
         description="mutual: the mesh hop uses mesh certificates; off: plaintext (local trials only).",
     )
-    timeouts: Timeouts = Field(
-        default_factory=Timeouts, description="Time limits of requests to this service."
-    )
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="Time limits of requests to this service.")
     limits: Limits = Field(default_factory=Limits, description="Resource limits of this listener.")
     pool: PoolSettings = Field(default_factory=PoolSettings, description="Connections kept to peer sidecars.")
     balancer: BalancerSettings = Field(
@@ -384,9 +373,7 @@ class EndpointSpec(_Model):
     address: AddressField = Field(description="The peer sidecar's inbound address.")
     weight: int = Field(1, ge=1, le=1000, description="Relative share of traffic, 1-1000.")
     tags: tuple[str, ...] = Field((), description="Free-form labels, e.g. a version.")
-    meta: dict[str, str] = Field(
-        default_factory=dict, description="Free-form key/value metadata, e.g. a zone."
-    )
+    meta: dict[str, str] = Field(default_factory=dict, description="Free-form key/value metadata, e.g. a zone.")
 
 
 Endpoint = Annotated[EndpointSpec, BeforeValidator(_endpoint_from_string)]
@@ -404,9 +391,7 @@ class RegistryFile(_Model):
 class DiscoverySettings(_Model):
     """Where the endpoints of upstream services come from: exactly one source."""
 
-    static: dict[ServiceName, list[Endpoint]] | None = Field(
-        None, description="Endpoints listed inline, per service."
-    )
+    static: dict[ServiceName, list[Endpoint]] | None = Field(None, description="Endpoints listed inline, per service.")
     file: Path | None = Field(
         None, description="A registry file (YAML or JSON), watched for changes; relative to the config file."
     )
@@ -436,15 +421,16 @@ class LogSettings(_Model):
     """Logging."""
 
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
-    access_log: bool = Field(True, description="Log one event per request or TCP connection.")
+    access_log: bool = Field(
+        False,
+        description="Log one JSON event per request or TCP connection (off by default, as in Envoy and Linkerd).",
+    )
 
 
 class ShutdownSettings(_Model):
     """Graceful shutdown."""
 
-    drain_timeout: Duration = Field(
-        15.0, description="How long in-flight work may finish after a stop signal."
-    )
+    drain_timeout: Duration = Field(15.0, description="How long in-flight work may finish after a stop signal.")
 
 
 MUTUAL_TLS_UNAVAILABLE = (
@@ -458,12 +444,8 @@ class SidecarConfig(_Model):
 
     mesh: MeshSettings = Field(default_factory=MeshSettings, description="Mesh-wide identity settings.")
     service: ServiceSettings = Field(description="The local application this sidecar serves.")
-    inbound: InboundSettings | None = Field(
-        None, description="The listener for peers; null for a client-only sidecar."
-    )
-    upstreams: list[UpstreamSettings] = Field(
-        default_factory=list, description="Services the application calls."
-    )
+    inbound: InboundSettings | None = Field(None, description="The listener for peers; null for a client-only sidecar.")
+    upstreams: list[UpstreamSettings] = Field(default_factory=list, description="Services the application calls.")
     discovery: DiscoverySettings | None = Field(None, description="Where upstream endpoints come from.")
     admin: AdminSettings = Field(default_factory=AdminSettings, description="The admin listener.")
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
@@ -486,9 +468,7 @@ def _conflicts(cfg: SidecarConfig) -> list[_Problem]:
     first_use: dict[str, int] = {}
     for i, upstream in enumerate(cfg.upstreams):
         if upstream.service in first_use:
-            message = (
-                f"'{upstream.service}' is already configured by upstreams[{first_use[upstream.service]}]"
-            )
+            message = f"'{upstream.service}' is already configured by upstreams[{first_use[upstream.service]}]"
             problems.append((("upstreams", i, "service"), message))
         first_use.setdefault(upstream.service, i)
 
@@ -499,9 +479,7 @@ def _conflicts(cfg: SidecarConfig) -> list[_Problem]:
     binds.append((("admin", "bind"), cfg.admin.bind))
     for n, (loc, address) in enumerate(binds):
         same = [earlier_loc for earlier_loc, earlier in binds[:n] if earlier == address and address.port != 0]
-        overlapping = [
-            (earlier_loc, earlier) for earlier_loc, earlier in binds[:n] if _overlaps(address, earlier)
-        ]
+        overlapping = [(earlier_loc, earlier) for earlier_loc, earlier in binds[:n] if _overlaps(address, earlier)]
         if same:
             problems.append((loc, f"{address} is already used by {_format_loc(same[0])}"))
         elif overlapping:
@@ -554,9 +532,7 @@ class _Loader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, typing.Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 

@@ -147,7 +147,7 @@ class _Reader:
         "_body_limit",
         "_body_seen",
         "_error_status",
-        "_head_bytes",
+        "_feeding",
         "_head_fed",
         "_max_header_bytes",
         "_max_header_count",
@@ -166,7 +166,7 @@ class _Reader:
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._url = b""
         self.in_head = False
-        self._head_bytes = 0
+        self._feeding = 0
         self._head_fed = 0
         self._body_limit: int | None = None
         self._body_seen = 0
@@ -178,22 +178,23 @@ class _Reader:
         self._raw_headers = []
         self._url = b""
         self.in_head = True
-        self._head_bytes = 0
         self._head_fed = 0
         self._body_seen = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self._raw_headers
         headers.append((name, value))
-        self._head_bytes += len(name) + len(value) + 4
-        if self.in_head:
-            if len(headers) > self._max_header_count:
-                raise ProtocolError(431 if self._error_status == 400 else 502, "too many header fields")
-            if self._head_bytes > self._max_header_bytes:
+        if len(headers) > self._max_header_count:
+            raise ProtocolError(431 if self._error_status == 400 else 502, "too many header fields")
+
+    def _check_head_size(self) -> None:
+        """Called when a head is complete; only a head that arrived in many bytes needs adding up."""
+        if self._head_fed + self._feeding > self._max_header_bytes:
+            size = len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._raw_headers)
+            if size > self._max_header_bytes:
                 raise ProtocolError(431 if self._error_status == 400 else 502, "header block too large")
 
     def on_body(self, body: bytes) -> None:
@@ -210,6 +211,7 @@ class _Reader:
 
     # -- feeding -------------------------------------------------------------------------------------------
     def _feed(self, data: bytes) -> None:
+        self._feeding = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -255,6 +257,7 @@ class RequestReader(_Reader):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        self._check_head_size()
         parser = self._parser
         version = parser.get_http_version()
         http10 = version == "1.0"
@@ -370,6 +373,7 @@ class ResponseReader(_Reader):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        self._check_head_size()
         parser = self._parser
         status = parser.get_status_code()
         headers, mesh, framing = _split_headers(self._raw_headers)

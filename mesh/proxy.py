@@ -444,12 +444,17 @@ class _Downstream:
     async def _relay_response(
         self, head: RequestHead, conn: UpstreamConnection, ex: _Exchange, pump: _BodyPump | None
     ) -> bool:
-        limits = self.limits
-        reader = ResponseReader(
-            request_method=head.method,
-            max_header_bytes=limits.max_header_bytes,
-            max_header_count=limits.max_header_count,
-        )
+        reader = conn.reader
+        if reader is None or head.method == b"HEAD":
+            # One parser serves a connection's responses; a response to HEAD gets its own (see ResponseReader).
+            limits = self.limits
+            reader = ResponseReader(
+                request_method=head.method,
+                max_header_bytes=limits.max_header_bytes,
+                max_header_count=limits.max_header_count,
+            )
+            if head.method != b"HEAD":
+                conn.reader = reader
         upstream = conn.stream
         downstream = self.stream
         received = 0

@@ -108,6 +108,7 @@ def sidecar_config(**overrides: object) -> dict:
         "service": {"name": "test", "app": "127.0.0.1:1"},
         "admin": {"bind": f"127.0.0.1:{free_port()}"},
         "shutdown": {"drain_timeout": "10s"},
+        "log": {"level": "info", "access_log": True},
     }
     config.update(overrides)
     return config

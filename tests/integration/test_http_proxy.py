@@ -32,6 +32,17 @@ def test_get_and_post_reach_the_app_with_forwarding_headers(port: int) -> None:
     assert post.json() == {"size": 11, "sha256": hashlib.sha256(b"hello world").hexdigest()}
 
 
+def test_one_access_log_event_per_request(backend, mesh) -> None:
+    port, outbound, inbound = mesh.pair(backend["http"])
+    assert request(port, "GET", "/status?code=201", headers=[("x-request-id", "log-me")]).status == 201
+    for proc, direction in ((outbound, "outbound"), (inbound, "inbound")):
+        proc.wait_for('"request_id":"log-me"')  # access lines are written in batches
+        (event,) = [e for e in proc.events("request") if e["request_id"] == "log-me"]
+        assert event["direction"] == direction and event["status"] == 201
+        assert event["method"] == "GET" and event["path"] == "/status?code=201"
+        assert event["endpoint"] and event["duration_s"] >= 0 and event["mesh_error"] == ""
+
+
 def test_request_id_is_kept_when_present(port: int) -> None:
     seen = request(port, "GET", "/headers", headers=[("x-request-id", "abc-1")]).json()
     assert dict(seen["headers"])["x-request-id"] == "abc-1"

@@ -11,7 +11,9 @@ def test_line_echo_with_half_close(mesh, backend) -> None:
         sock.sendall(b"one\ntwo\n")
         received = b""
         while received != b"one\ntwo\n":
-            received += sock.recv(100)
+            piece = sock.recv(100)
+            assert piece, f"connection closed after {received!r}"
+            received += piece
         sock.shutdown(socket.SHUT_WR)  # half-close: the app answers "bye" only after seeing our EOF
         rest = b""
         while True:

@@ -125,7 +125,7 @@ def test_defaults() -> None:
     assert cfg.upstreams == []
     assert cfg.discovery is None
     assert cfg.admin.bind == Address("127.0.0.1", 9901)
-    assert (cfg.log.level, cfg.log.access_log) == ("info", True)
+    assert (cfg.log.level, cfg.log.access_log) == ("info", False)
     assert cfg.shutdown.drain_timeout == 15.0
 
     inbound = InboundSettings()
@@ -140,7 +140,7 @@ def test_defaults() -> None:
         "upstreams": [],
         "discovery": None,
         "admin": {"bind": "127.0.0.1:9901"},
-        "log": {"level": "info", "access_log": True},
+        "log": {"level": "info", "access_log": False},
         "shutdown": {"drain_timeout": "15s"},
     }
 
