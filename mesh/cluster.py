@@ -17,6 +17,7 @@ from mesh.discovery import Endpoint, EndpointSet
 from mesh.errors import CONNECT_TIMEOUT, MeshError, no_endpoints
 from mesh.metrics import Metrics
 from mesh.pool import IdlePool
+from mesh.stream import FastStream, connect
 from mesh.timers import INF
 from mesh.watch import Watch
 
@@ -28,7 +29,7 @@ class UpstreamConnection:
 
     __slots__ = ("endpoint", "fd", "reader", "requests", "stream")
 
-    def __init__(self, stream: trio.SocketStream, endpoint: Endpoint) -> None:
+    def __init__(self, stream: FastStream, endpoint: Endpoint) -> None:
         self.stream = stream
         self.endpoint = endpoint
         self.fd = stream.socket.fileno()
@@ -40,7 +41,7 @@ class UpstreamConnection:
 
     def close(self) -> None:
         """Close at once, without a TLS or HTTP goodbye (the connection carries no request)."""
-        self.stream.socket.close()
+        self.stream.close()
 
     def idle_and_open(self) -> bool:
         """False if the upstream closed the connection (or sent unsolicited bytes) while it sat idle."""
@@ -141,19 +142,13 @@ class Cluster:
                 c.close()
 
 
-async def _open_stream(host: str, port: int) -> trio.SocketStream:
+async def _open_stream(host: str, port: int) -> FastStream:
     """Connect to an IP literal directly (one socket, the error as the kernel gave it); resolve names otherwise."""
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
-        return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        await sock.connect((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
+        return FastStream.from_trio(await trio.open_tcp_stream(host, port))
+    return await connect(host, port, family)
 
 
 def _connect_error(exc: OSError) -> MeshError:

@@ -16,6 +16,7 @@ from mesh.http1 import END, ProtocolError, RequestHead, RequestReader, ResponseH
 from mesh.listener import Drain
 from mesh.log import AccessLog
 from mesh.metrics import Metrics
+from mesh.stream import FastStream
 from mesh.tcp import splice
 from mesh.timers import INF, Sweeper
 
@@ -76,9 +77,11 @@ class HttpProxy:
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serve one downstream connection until it closes; the listener closes `stream` afterwards."""
         self.metrics.connection_opened(self.settings.direction, self.settings.upstream)
+        fast = FastStream.from_trio(stream)
         try:
-            await _Downstream(self, stream).serve()
+            await _Downstream(self, fast).serve()
         finally:
+            fast.close()
             self.metrics.connection_closed(self.settings.direction, self.settings.upstream)
 
 
@@ -124,7 +127,7 @@ class _Downstream:
         "waiting_for",
     )
 
-    def __init__(self, proxy: HttpProxy, stream: trio.SocketStream) -> None:
+    def __init__(self, proxy: HttpProxy, stream: FastStream) -> None:
         self.proxy = proxy
         self.stream = stream
         # Timeouts: `deadline` (trio clock) and `waiting_for` change freely on the hot path; the sweeper

@@ -8,6 +8,7 @@ from mesh.cluster import Cluster
 from mesh.errors import MeshError
 from mesh.log import AccessLog
 from mesh.metrics import Metrics
+from mesh.stream import FastStream
 
 _READ_SIZE = 65536
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -71,18 +72,20 @@ class TcpProxy:
         except OSError:
             peer = ""
         self.metrics.connection_opened(self.direction, cluster.name)
+        downstream = FastStream.from_trio(stream)
         try:
             chosen = cluster.pick()
             endpoint = str(chosen)
             conn = await cluster.connect(chosen, timeout=cluster.connect_timeout)
             try:
-                rx, tx = await splice(stream, conn.stream, idle_timeout=self.idle_timeout)
+                rx, tx = await splice(downstream, conn.stream, idle_timeout=self.idle_timeout)
             finally:
                 conn.close()
         except MeshError as exc:
             mesh_error = exc.reason
             self.metrics.error(self.direction, cluster.name, exc.reason)
         finally:
+            downstream.close()
             self.metrics.connection_closed(self.direction, cluster.name)
         self.metrics.tcp_done(self.direction, cluster.name, rx, tx)
         self.access_log.tcp(

@@ -1,0 +1,132 @@
+"""A lean TCP stream for the proxy hot path: the socket call first, a trio wait only when the kernel says EAGAIN."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import trio
+
+# After this many socket calls in a row that completed without waiting, yield to the scheduler once, so
+# a connection whose peer keeps the kernel buffers full (a fast upload) cannot starve the others.
+_YIELD_EVERY = 32
+
+
+class FastStream(trio.abc.HalfCloseableStream):
+    """A half-closeable byte stream over a non-blocking socket it owns.
+
+    trio's SocketStream yields to the scheduler on every call, even when the kernel could answer at once;
+    a proxied request makes four such calls and each costs a scheduler round trip. Here `send_all` and
+    `receive_some` try the socket call directly and wait (trio.lowlevel.wait_readable/wait_writable) only
+    when it would block; every `_YIELD_EVERY` consecutive non-waiting calls still yield once, which bounds
+    how long one connection can hold the event loop. Cancellation is delivered whenever a call waits or
+    yields. Only one task may send and one task may receive at a time (as with any trio stream)."""
+
+    __slots__ = ("_closed", "_streak", "socket")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+        self._closed = False
+        self._streak = 0
+
+    @classmethod
+    def from_trio(cls, stream: trio.SocketStream) -> FastStream:
+        """Take over the socket of a trio SocketStream (the SocketStream is left closed)."""
+        trio_sock = stream.socket
+        family, kind, proto = trio_sock.family, trio_sock.type, trio_sock.proto
+        return cls(socket.socket(family, kind, proto, fileno=trio_sock.detach()))
+
+    def __repr__(self) -> str:
+        return f"<FastStream fd={self.socket.fileno()}>"
+
+    async def _maybe_yield(self) -> None:
+        self._streak += 1
+        if self._streak >= _YIELD_EVERY:
+            self._streak = 0
+            await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream is closed")
+        sock = self.socket
+        size = max_bytes or 65536
+        while True:
+            try:
+                data = sock.recv(size)
+            except BlockingIOError:
+                self._streak = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            await self._maybe_yield()
+            return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream is closed")
+        sock = self.socket
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+        if sent == len(data):
+            await self._maybe_yield()
+            return
+        self._streak = 0
+        view = memoryview(data)[sent:]
+        while view:
+            await trio.lowlevel.wait_writable(sock)
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            view = view[sent:]
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self.socket)
+
+    async def send_eof(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream is closed")
+        await trio.lowlevel.checkpoint()
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+
+    def close(self) -> None:
+        """Close at once (no goodbye); wakes any task waiting on the socket with ClosedResourceError."""
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+
+async def connect(host: str, port: int, family: socket.AddressFamily) -> FastStream:
+    """Open a TCP connection to an IP literal; the kernel's error (e.g. ConnectionRefusedError) is raised as is."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.connect((host, port))
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, f"connect to {host}:{port}: {os.strerror(error)}") from None
+    except BaseException:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+        raise
+    return FastStream(sock)
