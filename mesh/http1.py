@@ -87,10 +87,14 @@ class EndOfMessage:
 END = EndOfMessage()
 
 
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
 def _split_headers(
     raw: list[tuple[bytes, bytes]],
-) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
-    """Split raw (name, value) pairs into end-to-end headers, x-mesh-* headers and the framing headers we read."""
+) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], dict[bytes, list[bytes]], frozenset[bytes]]:
+    """Split raw (name, value) pairs into end-to-end headers, x-mesh-* headers, the framing headers we read,
+    and the lower-cased `Connection` tokens."""
     end_to_end: list[tuple[bytes, bytes]] = []
     mesh: list[tuple[bytes, bytes]] = []
     framing: dict[bytes, list[bytes]] = {}
@@ -105,19 +109,15 @@ def _split_headers(
         else:
             end_to_end.append((lname, value))
     connection = framing.get(b"connection")
-    if connection:
-        named = {t.strip().lower() for v in connection for t in v.split(b",")} - _CONNECTION_OPTIONS
-        named.discard(b"")
-        if named:
-            end_to_end = [(n, v) for n, v in end_to_end if n not in named or n == b"host"]
-    return end_to_end, mesh, framing
-
-
-def _connection_tokens(framing: dict[bytes, list[bytes]]) -> set[bytes]:
-    values = framing.get(b"connection")
-    if not values:
-        return set()
-    return {t.strip().lower() for v in values for t in v.split(b",")}
+    if not connection:
+        return end_to_end, mesh, framing, _NO_TOKENS
+    if len(connection) == 1 and (token := connection[0].lower()) in _CONNECTION_OPTIONS:
+        return end_to_end, mesh, framing, frozenset((token,))  # the usual case: nothing more to strip
+    tokens = frozenset(t.strip().lower() for v in connection for t in v.split(b","))
+    named = tokens - _CONNECTION_OPTIONS - {b""}
+    if named:
+        end_to_end = [(n, v) for n, v in end_to_end if n not in named or n == b"host"]
+    return end_to_end, mesh, framing, tokens
 
 
 def _content_length(values: list[bytes] | None, *, status: int) -> int | None:
@@ -266,7 +266,7 @@ class RequestReader(_Reader):
         method = parser.get_method()
         if method == b"CONNECT":
             raise ProtocolError(405, "CONNECT is not supported")
-        headers, mesh, framing = _split_headers(self._raw_headers)
+        headers, mesh, framing, tokens = _split_headers(self._raw_headers)
         self._raw_headers = []  # what arrives from now on are trailers
         hosts = framing.get(b"host")
         if hosts is None:
@@ -289,7 +289,6 @@ class RequestReader(_Reader):
         chunked = te is not None
         if content_length is not None and self._body_limit is not None and content_length > self._body_limit:
             raise ProtocolError(413, "request body too large")
-        tokens = _connection_tokens(framing)
         keep_alive = (b"keep-alive" in tokens) if http10 else (b"close" not in tokens)
         expect = framing.get(b"expect")
         expect_continue = False
@@ -376,7 +375,7 @@ class ResponseReader(_Reader):
         self._check_head_size()
         parser = self._parser
         status = parser.get_status_code()
-        headers, mesh, framing = _split_headers(self._raw_headers)
+        headers, mesh, framing, tokens = _split_headers(self._raw_headers)
         self._raw_headers = []  # what arrives from now on are trailers
         # x-mesh-* on a response travel back to the caller: they carry the far side's mesh errors.
         headers += mesh
@@ -388,7 +387,6 @@ class ResponseReader(_Reader):
         if chunked and content_length is not None:
             raise ProtocolError(502, "both Content-Length and Transfer-Encoding in a response")
         version = parser.get_http_version()
-        tokens = _connection_tokens(framing)
         keep_alive = (b"keep-alive" in tokens) if version == "1.0" else (b"close" not in tokens)
         if self._head_only or informational or upgrade or status in _BODYLESS_STATUS:
             has_body = False
@@ -436,7 +434,7 @@ class ResponseReader(_Reader):
 
 def serialize_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
     """Header lines, each `name: value\\r\\n`, from already validated pairs (parsed input is CR/LF/NUL-free)."""
-    return b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+    return b"".join([b"%s: %s\r\n" % pair for pair in headers])
 
 
 def request_head_bytes(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
