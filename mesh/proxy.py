@@ -365,6 +365,8 @@ class _Downstream:
         if not rid:
             ex.request_id = _new_request_id()
             headers.append((b"x-request-id", ex.request_id))
+        if not head.authority:  # HTTP/1.0 without Host: the upstream hop is HTTP/1.1, which requires one
+            headers.append((b"host", ex.endpoint.encode()))
         if head.chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         elif head.content_length is not None:
