@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import signal
 import time
+from functools import partial
 from typing import Any
 
 import structlog
@@ -13,7 +14,7 @@ import trio
 from mesh import log as mesh_log
 from mesh.admin import AdminApp
 from mesh.cluster import Cluster
-from mesh.config import Address, BalancerSettings, SidecarConfig, dump_config, redact
+from mesh.config import Address, BalancerSettings, InboundSettings, SidecarConfig, UpstreamSettings, dump_config, redact
 from mesh.discovery import Endpoint, EndpointSet, discovery_from_settings
 from mesh.listener import Drain, serve_tcp
 from mesh.metrics import Metrics
@@ -49,7 +50,6 @@ class Sidecar:
 
     def _build(self) -> None:
         config = self.config
-        drain = self.drain
         inbound = config.inbound
         if inbound is not None:
             app = config.service.app
@@ -64,26 +64,7 @@ class Sidecar:
                 connect_timeout=inbound.timeouts.connect,
                 metrics=self.metrics,
             )
-            self.clusters.append(cluster)
-            if config.service.protocol == "tcp":
-                handler = TcpProxy(
-                    direction="inbound",
-                    cluster=cluster,
-                    idle_timeout=inbound.timeouts.idle,
-                    metrics=self.metrics,
-                    access_log=self.access_log,
-                ).handle
-            else:
-                settings = HttpProxySettings("inbound", cluster.name, inbound.timeouts, inbound.limits)
-                handler = HttpProxy(
-                    settings,
-                    cluster,
-                    metrics=self.metrics,
-                    access_log=self.access_log,
-                    drain=drain,
-                    sweeper=self.sweeper,
-                ).handle
-            self.listeners.append(("inbound", inbound.bind, handler, inbound.limits.max_connections))
+            self._add_listener("inbound", "inbound", inbound.bind, config.service.protocol, cluster, inbound)
         for index, upstream in enumerate(config.upstreams):
             assert self.discovery is not None  # the config requires discovery when upstreams exist
             cluster = Cluster(
@@ -94,28 +75,38 @@ class Sidecar:
                 connect_timeout=upstream.timeouts.connect,
                 metrics=self.metrics,
             )
-            self.clusters.append(cluster)
-            if upstream.protocol == "tcp":
-                handler = TcpProxy(
-                    direction="outbound",
-                    cluster=cluster,
-                    idle_timeout=upstream.timeouts.idle,
-                    metrics=self.metrics,
-                    access_log=self.access_log,
-                ).handle
-            else:
-                settings = HttpProxySettings("outbound", upstream.service, upstream.timeouts, upstream.limits)
-                handler = HttpProxy(
-                    settings,
-                    cluster,
-                    metrics=self.metrics,
-                    access_log=self.access_log,
-                    drain=drain,
-                    sweeper=self.sweeper,
-                ).handle
-            self.listeners.append(
-                (f"upstreams[{index}]:{upstream.service}", upstream.bind, handler, upstream.limits.max_connections)
-            )
+            name = f"upstreams[{index}]:{upstream.service}"
+            self._add_listener(name, "outbound", upstream.bind, upstream.protocol, cluster, upstream)
+
+    def _add_listener(
+        self,
+        name: str,
+        direction: str,
+        bind: Address,
+        protocol: str,
+        cluster: Cluster,
+        settings: InboundSettings | UpstreamSettings,
+    ) -> None:
+        """One listener in front of `cluster`: an HTTP proxy or, for protocol `tcp`, a byte splice."""
+        self.clusters.append(cluster)
+        if protocol == "tcp":
+            handler = TcpProxy(
+                direction=direction,
+                cluster=cluster,
+                idle_timeout=settings.timeouts.idle,
+                metrics=self.metrics,
+                access_log=self.access_log,
+            ).handle
+        else:
+            handler = HttpProxy(
+                HttpProxySettings(direction, cluster.name, settings.timeouts, settings.limits),
+                cluster,
+                metrics=self.metrics,
+                access_log=self.access_log,
+                drain=self.drain,
+                sweeper=self.sweeper,
+            ).handle
+        self.listeners.append((name, bind, handler, settings.limits.max_connections))
 
     # -- admin views ---------------------------------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
@@ -167,12 +158,28 @@ class Sidecar:
             for cluster in self.clusters:
                 background.start_soon(cluster.maintain)
             self.bound["admin"] = await background.start(
-                _serve, config.admin.bind, admin.handle, "admin", admin_drain, 64, 1.0
+                partial(
+                    serve_tcp,
+                    config.admin.bind,
+                    admin.handle,
+                    name="admin",
+                    drain=admin_drain,
+                    max_connections=64,
+                    drain_timeout=1.0,
+                )
             )
             async with trio.open_nursery() as listeners:
                 for name, bind, handler, max_connections in self.listeners:
                     self.bound[name] = await listeners.start(
-                        _serve, bind, handler, name, self.drain, max_connections, config.shutdown.drain_timeout
+                        partial(
+                            serve_tcp,
+                            bind,
+                            handler,
+                            name=name,
+                            drain=self.drain,
+                            max_connections=max_connections,
+                            drain_timeout=config.shutdown.drain_timeout,
+                        )
                     )
                 self.serving = True
                 listening = {k: str(v) for k, v in self.bound.items()}
@@ -193,27 +200,6 @@ async def _flush_access_log_periodically() -> None:
             mesh_log.flush_access_log()
     finally:
         mesh_log.flush_access_log()
-
-
-async def _serve(
-    bind: Address,
-    handler: Any,
-    name: str,
-    drain: Drain,
-    max_connections: int,
-    drain_timeout: float,
-    *,
-    task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    await serve_tcp(
-        bind,
-        handler,
-        name=name,
-        drain=drain,
-        max_connections=max_connections,
-        drain_timeout=drain_timeout,
-        task_status=task_status,
-    )
 
 
 async def main(config: SidecarConfig) -> None:
