@@ -69,7 +69,7 @@ class Metrics:
             registry=self.registry,
         )
         self._mesh_errors = Counter(
-            "mesh_mesh_errors",
+            "mesh_errors",
             "Errors the mesh produced itself (the x-mesh-error reason), not those of the application.",
             ["direction", "upstream", "reason"],
             registry=self.registry,

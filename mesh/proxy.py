@@ -617,6 +617,9 @@ class _Downstream:
             ex.request_done = self.reader.next_event() is END
         keep_alive = head.keep_alive and ex.request_done and not self.proxy.drain.draining
         ex.status = status
+        ex.response_started = True  # whatever happens next, this request has had its one answer
+        self.waiting_for = _STALL
+        self.deadline = trio.current_time() + self.timeouts.idle
         body = f"{reason}\n".encode()
         headers = [(b"x-mesh-error", reason.encode()), (b"content-type", b"text/plain; charset=utf-8")]
         try:

@@ -84,8 +84,8 @@ def test_mesh_errors_by_reason() -> None:
     metrics.error("outbound", "api", "upstream connect timeout")
     metrics.error("outbound", "api", "no healthy endpoints")
     labels = {"direction": "outbound", "upstream": "api"}
-    assert value(metrics, "mesh_mesh_errors_total", **labels, reason="upstream connect timeout") == 2
-    assert value(metrics, "mesh_mesh_errors_total", **labels, reason="no healthy endpoints") == 1
+    assert value(metrics, "mesh_errors_total", **labels, reason="upstream connect timeout") == 2
+    assert value(metrics, "mesh_errors_total", **labels, reason="no healthy endpoints") == 1
 
 
 def test_instances_do_not_share_samples() -> None:
@@ -104,5 +104,5 @@ def test_every_metric_is_described_before_any_sample() -> None:
         "mesh_tcp_connections_total",
         "mesh_bytes_total",
         "mesh_upstream_connections_total",
-        "mesh_mesh_errors_total",
+        "mesh_errors_total",
     }
