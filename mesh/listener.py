@@ -71,7 +71,10 @@ async def serve_tcp(
     listening socket is closed (new connections are refused), then handlers get `drain_timeout` seconds to
     finish before they are cancelled; the function then returns. The handler owns and closes its stream;
     any exception it lets escape is logged and does not affect other connections."""
-    listeners = await trio.open_tcp_listeners(bind.port, host=bind.host or None, backlog=4096)
+    try:
+        listeners = await trio.open_tcp_listeners(bind.port, host=bind.host or None, backlog=4096)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{name}: cannot listen on {bind}: {exc.strerror or exc}") from None
     sockname = listeners[0].socket.getsockname()
     bound = Address(sockname[0], sockname[1])
     limit = trio.Semaphore(max_connections)

@@ -232,10 +232,18 @@ def run(config: SidecarConfig) -> int:
         startup, rest = group.split(OSError)
         if startup is None or rest is not None:
             raise
-        for exc in startup.exceptions:
+        for exc in _leaves(startup):
             log.error("cannot start", error=str(exc))
         return 1
     except OSError as exc:
         log.error("cannot start", error=str(exc))
         return 1
     return 0
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions inside nested exception groups (one per failed task)."""
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves

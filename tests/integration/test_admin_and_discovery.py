@@ -82,3 +82,28 @@ def test_http10_client_gets_a_close_delimited_or_sized_response(http_pair) -> No
     assert status_of(response) == 200
     assert response.endswith(b"hello world")
     assert b"transfer-encoding" not in response.lower()
+
+
+def test_a_taken_port_is_reported_in_one_line_and_exit_1(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "sidecar.yaml"
+        config.write_text(
+            f"service: {{name: web, app: 127.0.0.1:1}}\n"
+            f"inbound: {{bind: 127.0.0.1:{port}, tls: 'off'}}\n"
+            f"admin: {{bind: 127.0.0.1:{free_port()}}}\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "mesh.cli", "sidecar", "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    assert f"inbound: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
