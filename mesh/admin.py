@@ -9,7 +9,7 @@ from typing import Any
 import trio
 
 from mesh import http1
-from mesh.http1 import END, ProtocolError, RequestHead, RequestReader
+from mesh.http1 import ProtocolError, RequestHead, RequestReader
 from mesh.metrics import Metrics
 
 _JSON = b"application/json"
@@ -61,15 +61,13 @@ class AdminApp:
                 head = await _read_head(stream, reader)
             except ProtocolError as exc:
                 body = (exc.reason + "\n").encode()
-                await stream.send_all(http1.simple_response(exc.status, "Bad Request", body, close=True))
+                await stream.send_all(http1.simple_response(exc.status, body, close=True))
                 return
             if head is None:
                 return
             status, content_type, body = self.respond(head.method, head.target)
             keep_alive = head.keep_alive and not head.has_body
-            response = http1.simple_response(
-                status, http1.REASONS.get(status, ""), body, [(b"content-type", content_type)], close=not keep_alive
-            )
+            response = http1.simple_response(status, body, [(b"content-type", content_type)], close=not keep_alive)
             if head.method == b"HEAD":
                 response = response[: len(response) - len(body)]
             await stream.send_all(response)
@@ -82,7 +80,7 @@ async def _read_head(stream: trio.SocketStream, reader: RequestReader) -> Reques
         event = reader.next_event()
         if isinstance(event, RequestHead):
             return event
-        if event is END or event is not None:
+        if event is not None:  # the END of a body-less request
             continue
         with trio.move_on_after(30) as scope:
             data = await stream.receive_some(16384)

@@ -8,7 +8,6 @@ import select
 import socket
 from typing import Any
 
-import structlog
 import trio
 
 from mesh.balancer import make_balancer
@@ -20,8 +19,6 @@ from mesh.pool import IdlePool
 from mesh.stream import FastStream, connect
 from mesh.timers import INF
 from mesh.watch import Watch
-
-log = structlog.get_logger("mesh.cluster")
 
 
 class UpstreamConnection:

@@ -456,14 +456,14 @@ def last_chunk_bytes(trailers: list[tuple[bytes, bytes]] | None = None) -> bytes
 
 
 def simple_response(
-    status: int, reason: str, body: bytes, headers: list[tuple[bytes, bytes]] | None = None, *, close: bool = False
+    status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None, *, close: bool = False
 ) -> bytes:
     """A complete response with a Content-Length body, used for responses the mesh makes itself."""
     all_headers = list(headers or ())
     all_headers.append((b"content-length", b"%d" % len(body)))
     if close:
         all_headers.append((b"connection", b"close"))
-    return response_head_bytes(status, reason.encode("latin-1"), all_headers) + body
+    return response_head_bytes(status, REASONS.get(status, "").encode("latin-1"), all_headers) + body
 
 
 REASONS = {

@@ -173,7 +173,7 @@ class _Downstream:
                 head = await self._next_head()
             except ProtocolError as exc:
                 self._rejected(exc)
-                await self._send_error_quietly(exc.status, exc.reason)
+                await self._send_error(exc.status, exc.reason, close=True)
                 return
             if head is None:
                 return
@@ -188,7 +188,7 @@ class _Downstream:
         if waiting_for == _HEAD:
             exc = ProtocolError(408, "request header timeout")
             self._rejected(exc)
-            await self._send_error_quietly(exc.status, exc.reason)
+            await self._send_error(exc.status, exc.reason, close=True)
             return
         assert self.exchange is not None
         head, ex, start = self.exchange
@@ -305,7 +305,7 @@ class _Downstream:
         except ProtocolError as exc:  # the request body broke its framing or a limit mid-stream
             ex.mesh_error = exc.reason
             if not ex.response_started:
-                await self._send_error_quietly(exc.status, exc.reason)
+                await self._send_error(exc.status, exc.reason, close=True)
                 ex.status = exc.status
         except DownstreamGone as exc:
             ex.mesh_error = str(exc)
@@ -620,26 +620,16 @@ class _Downstream:
         ex.response_started = True  # whatever happens next, this request has had its one answer
         self.waiting_for = _STALL
         self.deadline = trio.current_time() + self.timeouts.idle
-        body = f"{reason}\n".encode()
+        return await self._send_error(status, reason, close=not keep_alive) and keep_alive
+
+    async def _send_error(self, status: int, reason: str, *, close: bool) -> bool:
+        """Send a response the mesh makes itself, with `x-mesh-error`; False if the client is gone."""
         headers = [(b"x-mesh-error", reason.encode()), (b"content-type", b"text/plain; charset=utf-8")]
         try:
-            await self.stream.send_all(
-                http1.simple_response(status, http1.REASONS.get(status, ""), body, headers, close=not keep_alive)
-            )
+            await self.stream.send_all(http1.simple_response(status, f"{reason}\n".encode(), headers, close=close))
         except _STREAM_ERRORS:
             return False
-        return keep_alive
-
-    async def _send_error_quietly(self, status: int, reason: str) -> None:
-        """Answer a request we refuse to forward, then the connection closes (its framing is no longer trusted)."""
-        body = f"{reason}\n".encode()
-        headers = [(b"x-mesh-error", reason.encode()), (b"content-type", b"text/plain; charset=utf-8")]
-        try:
-            await self.stream.send_all(
-                http1.simple_response(status, http1.REASONS.get(status, ""), body, headers, close=True)
-            )
-        except _STREAM_ERRORS:
-            pass
+        return True
 
 
 class _UpstreamLost(Exception):
