@@ -1,0 +1,570 @@
+"""mesh.tls over real socket pairs: mutual TLS handshakes and their refusals, and TlsStream's byte-stream behaviour."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import socket
+import ssl
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from mesh import tls
+from mesh.tls import TlsHandshakeError, TlsStream
+
+TD = "mesh.local"
+
+
+def svc(name: str) -> str:
+    return f"spiffe://{TD}/ns/default/dc/dc1/svc/{name}"
+
+
+@dataclass(frozen=True)
+class Leaf:
+    cert: str
+    key: str
+    bundle: str
+
+
+class _CA:
+    """A P-256 root that issues leaves with one SPIFFE URI SAN (a test stand-in for ca/, which mesh/ must not use)."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = directory
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=30))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.bundle = directory / f"{name}-bundle.pem"
+        self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(
+        self,
+        label: str,
+        service: str,
+        *,
+        valid_from: dt.timedelta = dt.timedelta(hours=-1),
+        valid_for: dt.timedelta = dt.timedelta(hours=24),
+        usages: tuple[x509.ObjectIdentifier, ...] = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+    ) -> Leaf:
+        key = ec.generate_private_key(ec.SECP256R1())
+        start = dt.datetime.now(dt.UTC) + valid_from
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + valid_for)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(svc(service))]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        cert_file = self.directory / f"{label}-cert.pem"
+        key_file = self.directory / f"{label}-key.pem"
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return Leaf(str(cert_file), str(key_file), str(self.bundle))
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+@dataclass(frozen=True)
+class Certs:
+    api: Leaf  # the server in these tests
+    web: Leaf  # the client
+    expired: Leaf
+    not_yet_valid: Leaf
+    server_auth_only: Leaf
+    other_ca_web: Leaf  # same SPIFFE ID as `web`, another root
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    directory = tmp_path_factory.mktemp("certs")
+    ca = _CA(directory, "mesh-root")
+    other = _CA(directory, "other-root")
+    return Certs(
+        api=ca.issue("api", "api"),
+        web=ca.issue("web", "web"),
+        expired=ca.issue("expired", "web", valid_from=dt.timedelta(days=-3), valid_for=dt.timedelta(days=1)),
+        not_yet_valid=ca.issue("future", "web", valid_from=dt.timedelta(days=1)),
+        server_auth_only=ca.issue("server-only", "web", usages=(ExtendedKeyUsageOID.SERVER_AUTH,)),
+        other_ca_web=other.issue("other-web", "web"),
+    )
+
+
+def server_ctx(leaf: Leaf) -> ssl.SSLContext:
+    return tls.server_context(leaf.cert, leaf.key, leaf.bundle)
+
+
+def client_ctx(leaf: Leaf) -> ssl.SSLContext:
+    return tls.client_context(leaf.cert, leaf.key, leaf.bundle)
+
+
+async def handshake_pair(
+    server: ssl.SSLContext, client: ssl.SSLContext
+) -> tuple[TlsStream | BaseException, TlsStream | BaseException]:
+    """Both sides of a handshake over a fresh socket pair; each result is a stream or the exception it raised."""
+    a, b = socket.socketpair()
+    results: dict[str, TlsStream | BaseException] = {}
+
+    async def run(name: str, coro_fn, *args) -> None:
+        try:
+            results[name] = await coro_fn(*args)
+        except (TlsHandshakeError, trio.BrokenResourceError) as exc:
+            results[name] = exc
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "server", tls.tls_accept, a, server)
+            nursery.start_soon(run, "client", partial(tls.tls_connect, server_hostname="api"), b, client)
+    return results["server"], results["client"]
+
+
+async def connected(certs: Certs) -> tuple[TlsStream, TlsStream]:
+    server, client = await handshake_pair(server_ctx(certs.api), client_ctx(certs.web))
+    assert isinstance(server, TlsStream) and isinstance(client, TlsStream)
+    return server, client
+
+
+async def first_receive_error(stream: TlsStream | BaseException) -> str:
+    """With TLS 1.3 a client learns that the server refused its certificate on its first receive."""
+    if isinstance(stream, BaseException):
+        return str(stream)
+    with trio.fail_after(5), pytest.raises(trio.BrokenResourceError) as info:
+        await stream.receive_some()
+    stream.close()
+    return str(info.value)
+
+
+def closed(result: TlsStream | BaseException) -> None:
+    if isinstance(result, TlsStream):
+        result.close()
+
+
+# --- contexts ---------------------------------------------------------------------------------------------------
+
+
+def test_contexts_are_strict(certs: Certs) -> None:
+    for ctx in (server_ctx(certs.api), client_ctx(certs.web)):
+        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+        assert ctx.verify_mode == ssl.CERT_REQUIRED
+        assert ctx.options & ssl.OP_NO_RENEGOTIATION
+        assert ctx.options & ssl.OP_NO_COMPRESSION
+        tls12 = {c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"}
+        assert tls12, "no TLS 1.2 suites left"
+        assert all(name.startswith("ECDHE-") and ("GCM" in name or "CHACHA20" in name) for name in tls12), tls12
+    assert client_ctx(certs.web).check_hostname is False
+
+
+# --- handshakes that succeed ------------------------------------------------------------------------------------
+
+
+async def test_handshake_both_sides_see_the_peer_identity(certs: Certs) -> None:
+    server, client = await connected(certs)
+    assert server.peer_identity == svc("web")
+    assert client.peer_identity == svc("api")
+    assert server.selected_alpn_protocol() == client.selected_alpn_protocol() == "http/1.1"
+    assert server.socket.version() == "TLSv1.3"
+    await client.send_all(b"ping")
+    assert await server.receive_some() == b"ping"
+    await server.aclose()
+    await client.aclose()
+
+
+async def test_handshake_over_tcp_loopback_with_tls_1_2(certs: Certs) -> None:
+    client_context = client_ctx(certs.web)
+    client_context.maximum_version = ssl.TLSVersion.TLSv1_2
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    with listener, trio.fail_after(5):
+        raw_client = socket.create_connection(("127.0.0.1", port))
+        await trio.lowlevel.wait_readable(listener)
+        raw_server, _ = listener.accept()
+        async with trio.open_nursery() as nursery:
+            accepted: list[TlsStream] = []
+
+            async def accept() -> None:
+                accepted.append(await tls.tls_accept(raw_server, server_ctx(certs.api)))
+
+            nursery.start_soon(accept)
+            client = await tls.tls_connect(raw_client, client_context, server_hostname="api")
+    (server,) = accepted
+    assert client.socket.version() == "TLSv1.2"
+    assert client.socket.cipher()[0].startswith("ECDHE-ECDSA-")
+    assert (server.peer_identity, client.peer_identity) == (svc("web"), svc("api"))
+    await client.send_all(b"x" * 1000)
+    received = b""
+    while len(received) < 1000:
+        received += await server.receive_some()
+    await server.aclose()
+    assert await client.receive_some() == b""
+    await client.aclose()
+
+
+# --- handshakes the server refuses ------------------------------------------------------------------------------
+
+
+async def test_server_refuses_a_client_without_certificate(certs: Certs) -> None:
+    no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    no_cert.check_hostname = False
+    no_cert.load_verify_locations(certs.api.bundle)
+    server, client = await handshake_pair(server_ctx(certs.api), no_cert)
+    assert isinstance(server, TlsHandshakeError)
+    assert server.reason == "peer sent no certificate"
+    assert "requires a client certificate" in await first_receive_error(client)
+
+
+@pytest.mark.parametrize(
+    ("leaf", "reason", "client_sees"),
+    [
+        ("other_ca_web", "unable to get local issuer certificate (not issued by a CA in our trust bundle)", "trust"),
+        ("expired", "certificate has expired", "expired"),
+        ("not_yet_valid", "certificate is not yet valid", "rejected our certificate"),
+        ("server_auth_only", "unsuitable certificate purpose (the certificate lacks the clientAuth", "key usage"),
+    ],
+)
+async def test_server_refuses_a_bad_client_certificate(certs: Certs, leaf: str, reason: str, client_sees: str) -> None:
+    bad = getattr(certs, leaf)
+    client_context = tls.client_context(bad.cert, bad.key, certs.api.bundle)  # the client trusts the server
+    server, client = await handshake_pair(server_ctx(certs.api), client_context)
+    assert isinstance(server, TlsHandshakeError)
+    assert server.reason.startswith(f"certificate verify failed: {reason}")
+    assert client_sees in await first_receive_error(client)
+
+
+async def test_server_refuses_tls_1_1(certs: Certs) -> None:
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname = False
+    old.verify_mode = ssl.CERT_NONE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # setting TLS 1.1 is deprecated; that is the point
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    old.load_cert_chain(certs.web.cert, certs.web.key)
+    server, client = await handshake_pair(server_ctx(certs.api), old)
+    assert isinstance(server, TlsHandshakeError)
+    assert server.reason.startswith("unsupported protocol")
+    assert isinstance(client, TlsHandshakeError)
+    assert client.reason.startswith("unsupported protocol")
+
+
+async def test_server_refuses_a_non_aead_cipher(certs: Certs) -> None:
+    weak = client_ctx(certs.web)
+    weak.maximum_version = ssl.TLSVersion.TLSv1_2
+    weak.set_ciphers("ECDHE-ECDSA-AES128-SHA256")
+    server, client = await handshake_pair(server_ctx(certs.api), weak)
+    assert isinstance(server, TlsHandshakeError)
+    assert server.reason.startswith("no shared cipher")
+    assert isinstance(client, TlsHandshakeError)
+    assert "refused the handshake" in client.reason
+
+
+# --- handshakes the client refuses ------------------------------------------------------------------------------
+
+
+async def test_client_refuses_a_server_from_another_ca(certs: Certs) -> None:
+    impostor = tls.server_context(certs.other_ca_web.cert, certs.other_ca_web.key, certs.web.bundle)
+    server, client = await handshake_pair(impostor, client_ctx(certs.web))
+    assert isinstance(client, TlsHandshakeError)
+    assert client.reason.startswith("certificate verify failed: unable to get local issuer certificate")
+    assert isinstance(server, TlsHandshakeError)
+    assert "does not trust" in server.reason
+
+
+async def test_client_refuses_an_expired_server_certificate(certs: Certs) -> None:
+    stale = tls.server_context(certs.expired.cert, certs.expired.key, certs.expired.bundle)
+    server, client = await handshake_pair(stale, client_ctx(certs.web))
+    assert isinstance(client, TlsHandshakeError)
+    assert client.reason == "certificate verify failed: certificate has expired"
+    closed(server)
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+async def test_a_plaintext_peer_fails_the_handshake_with_a_clear_reason(certs: Certs, side: str) -> None:
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+
+    async def plaintext_peer() -> None:
+        # An HTTP client talking to our inbound, or an HTTP server answering our outbound's ClientHello.
+        if side == "client":
+            await trio.lowlevel.wait_readable(theirs)
+            theirs.recv(65536)
+            theirs.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+        else:
+            theirs.sendall(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n")
+
+    with theirs, trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(plaintext_peer)
+            with pytest.raises(TlsHandshakeError) as info:
+                if side == "server":
+                    await tls.tls_accept(ours, server_ctx(certs.api))
+                else:
+                    await tls.tls_connect(ours, client_ctx(certs.web), server_hostname="api")
+    assert info.value.reason.startswith("the peer is not speaking TLS")
+    assert ours.fileno() == -1  # closed (detached into the stream, which was closed)
+
+
+async def test_peer_closing_during_the_handshake(certs: Certs) -> None:
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    with pytest.raises(TlsHandshakeError) as info:
+        await tls.tls_connect(ours, client_ctx(certs.web), server_hostname="api")
+    assert info.value.reason == "the peer closed the connection"
+
+
+async def test_cancelled_handshake_closes_the_socket(certs: Certs) -> None:
+    ours, theirs = socket.socketpair()
+    with theirs, trio.move_on_after(0.05) as scope:
+        await tls.tls_accept(ours, server_ctx(certs.api))  # the peer never says hello
+    assert scope.cancelled_caught
+    assert ours.fileno() == -1
+
+
+# --- the stream -------------------------------------------------------------------------------------------------
+
+
+async def test_4_mib_each_way_concurrently(certs: Certs) -> None:
+    server, client = await connected(certs)
+    payloads = {server: os.urandom(4 * 1024 * 1024), client: os.urandom(4 * 1024 * 1024)}
+    digests: dict[TlsStream, str] = {}
+
+    async def send(stream: TlsStream, chunked: bool) -> None:
+        data = payloads[stream]
+        if chunked:  # odd sizes, so records and reads never line up
+            view = memoryview(data)
+            while view:
+                await stream.send_all(view[:70001])
+                view = view[70001:]
+        else:  # one call: OpenSSL must be re-driven with the same buffer many times
+            await stream.send_all(data)
+        await stream.send_eof()
+
+    async def receive(stream: TlsStream) -> None:
+        digest = hashlib.sha256()
+        while data := await stream.receive_some(30000):
+            digest.update(data)
+        digests[stream] = digest.hexdigest()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, client, False)
+            nursery.start_soon(send, server, True)
+            nursery.start_soon(receive, client)
+            nursery.start_soon(receive, server)
+    assert digests[server] == hashlib.sha256(payloads[client]).hexdigest()
+    assert digests[client] == hashlib.sha256(payloads[server]).hexdigest()
+    await server.aclose()
+    await client.aclose()
+
+
+async def test_half_close_each_way(certs: Certs) -> None:
+    server, client = await connected(certs)
+    with trio.fail_after(5):
+        await client.send_all(b"request")
+        await client.send_eof()  # FIN only: the server may still be sending
+        await client.send_eof()  # a second time is a no-op
+        with pytest.raises(trio.ClosedResourceError):
+            await client.send_all(b"more")
+        assert await server.receive_some() == b"request"
+        assert await server.receive_some() == b""
+        assert await server.receive_some() == b""  # EOF stays EOF
+        # the server still sends after the client's EOF, then closes its side with a close_notify
+        await server.send_all(b"response")
+        await server.send_eof()
+        assert await client.receive_some() == b"response"
+        assert await client.receive_some() == b""
+    await server.aclose()
+    await client.aclose()
+
+
+async def test_close_notify_from_aclose_reads_as_eof(certs: Certs) -> None:
+    server, client = await connected(certs)
+    with trio.fail_after(5):
+        await server.send_all(b"bye")
+        await server.aclose()
+        assert await client.receive_some() == b"bye"
+        assert await client.receive_some() == b""
+    with pytest.raises(trio.ClosedResourceError):
+        await server.receive_some()
+    await client.aclose()
+
+
+async def strict_peer(certs: Certs) -> tuple[TlsStream, ssl.SSLSocket]:
+    """A TlsStream server and a blocking stdlib client that reports a FIN without close_notify as an error."""
+    ctx = client_ctx(certs.web)
+    ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
+    a, b = socket.socketpair()
+    peer = ctx.wrap_socket(b, server_hostname="api", suppress_ragged_eofs=False, do_handshake_on_connect=False)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, peer.do_handshake)
+            server = await tls.tls_accept(a, server_ctx(certs.api))
+    return server, peer
+
+
+async def test_aclose_sends_close_notify(certs: Certs) -> None:
+    server, peer = await strict_peer(certs)
+    with peer:
+        await server.send_all(b"bye")
+        await server.aclose()
+        assert peer.recv(10) == b"bye"
+        assert peer.recv(10) == b""  # a close_notify, not a bare FIN (which would raise SSLEOFError)
+
+
+async def test_send_eof_is_a_bare_fin_while_the_peer_may_still_send(certs: Certs) -> None:
+    server, peer = await strict_peer(certs)
+    with peer:
+        await server.send_eof()
+        with pytest.raises(ssl.SSLEOFError):
+            peer.recv(10)
+    server.close()
+
+
+async def test_send_eof_sends_close_notify_once_the_peer_has_finished(certs: Certs) -> None:
+    server, peer = await strict_peer(certs)
+    with peer, trio.fail_after(5):
+        peer.sendall(b"request")
+        async with trio.open_nursery() as nursery:
+            # the peer sends its close_notify and waits for ours
+            nursery.start_soon(trio.to_thread.run_sync, peer.unwrap)
+            assert await server.receive_some() == b"request"
+            assert await server.receive_some() == b""
+            await server.send_eof()
+    await server.aclose()
+
+
+async def test_two_waits_for_the_same_direction_share_one_trio_wait(certs: Certs) -> None:
+    # trio allows one waiter per socket and direction; a receive that needs writability (OpenSSL writing an
+    # alert) while a send waits for it must not fail with BusyResourceError.
+    server, client = await connected(certs)
+    with trio.move_on_after(0.1):
+        await client.send_all(b"x" * (8 * 1024 * 1024))  # clog the connection
+    woken = []
+
+    async def wait_writable(name: str) -> None:
+        await client._wait(1)
+        woken.append(name)
+
+    async def drain() -> None:
+        while True:
+            await server.receive_some()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as outer:
+            async with trio.open_nursery() as waiters:
+                waiters.start_soon(wait_writable, "first")
+                waiters.start_soon(wait_writable, "second")
+                await trio.testing.wait_all_tasks_blocked()
+                assert woken == []
+                outer.start_soon(drain)  # the kernel buffers get room again
+            outer.cancel_scope.cancel()
+    assert sorted(woken) == ["first", "second"]
+    server.close()
+    client.close()
+
+
+async def test_cancelling_a_blocked_receive_leaves_the_stream_usable(certs: Certs) -> None:
+    server, client = await connected(certs)
+    with trio.move_on_after(0.05) as scope:
+        await server.receive_some()
+    assert scope.cancelled_caught
+    await client.send_all(b"after")
+    with trio.fail_after(5):
+        assert await server.receive_some() == b"after"
+    await server.aclose()
+    await client.aclose()
+
+
+async def test_close_wakes_a_blocked_receive(certs: Certs) -> None:
+    server, client = await connected(certs)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def receive() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await server.receive_some()
+
+            nursery.start_soon(receive)
+            await trio.testing.wait_all_tasks_blocked()
+            server.close()
+    client.close()
+
+
+async def test_a_cancelled_send_breaks_the_sending_side(certs: Certs) -> None:
+    server, client = await connected(certs)
+    with trio.move_on_after(0.1) as scope:
+        await client.send_all(b"x" * (8 * 1024 * 1024))  # nobody reads: the socket buffers fill up
+    assert scope.cancelled_caught
+    with pytest.raises(trio.BrokenResourceError, match="interrupted"):
+        await client.send_all(b"y")
+    server.close()
+    client.close()
+
+
+async def test_sending_to_a_vanished_peer_is_a_broken_resource(certs: Certs) -> None:
+    server, client = await connected(certs)
+    server.close()
+    with trio.fail_after(5), pytest.raises(trio.BrokenResourceError) as info:
+        for _ in range(100):  # the first writes may still succeed
+            await client.send_all(b"x" * 65536)
+    assert isinstance(info.value.__cause__, OSError)
+    client.close()
+
+
+async def test_closed_stream_refuses_calls(certs: Certs) -> None:
+    server, client = await connected(certs)
+    server.close()
+    server.close()  # idempotent
+    for call in (server.receive_some(), server.send_all(b"x"), server.send_eof()):
+        with pytest.raises(trio.ClosedResourceError):
+            await call
+    await server.aclose()
+    client.close()
