@@ -38,11 +38,28 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mesh (triomesh) {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     parser.set_defaults(handler=_usage(parser))
-    # `mesh ca ...`, `mesh gateway ...` and `mesh status` get their own _add_* function here when they exist.
+    # `mesh gateway ...` and `mesh status` get their own _add_* function here when they exist.
+    _add_ca(commands)
     _add_config(commands)
     _add_sidecar(commands)
     _add_demo(commands)
     return parser
+
+
+def _add_ca(commands: _Commands) -> None:
+    # `mesh ca` hands every argument, --help included, to ca.commands, which parses them itself: ca/ (and the
+    # cryptography library) is imported only when a `mesh ca` command runs, never by mesh/ at module level.
+    ca = commands.add_parser(
+        "ca", help="run the mesh's certificate authority (see: mesh ca --help)", add_help=False, prefix_chars="\0"
+    )
+    ca.add_argument("ca_args", nargs=argparse.REMAINDER)
+    ca.set_defaults(handler=_ca)
+
+
+def _ca(args: argparse.Namespace) -> int:
+    from ca import commands  # lazily: mesh/ must not import ca/ at module level
+
+    return commands.main(args.ca_args)
 
 
 def _add_config(commands: _Commands) -> None:
