@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.config import format_duration
+from mesh.spiffe import spiffe_id as mesh_spiffe_id
 
 __all__ = [
     "BACKDATE",
@@ -95,7 +96,7 @@ def spiffe_id(trust_domain: str, namespace: str, datacenter: str, service: str) 
     _check_segment("namespace", namespace)
     _check_segment("datacenter", datacenter)
     check_service(service)
-    return f"spiffe://{trust_domain}/ns/{namespace}/dc/{datacenter}/svc/{service}"
+    return mesh_spiffe_id(trust_domain, namespace, datacenter, service)
 
 
 # --- time ---

@@ -16,8 +16,9 @@ from mesh.discovery import Endpoint, EndpointSet
 from mesh.errors import CONNECT_TIMEOUT, MeshError, no_endpoints
 from mesh.metrics import Metrics
 from mesh.pool import IdlePool
-from mesh.stream import FastStream, connect
+from mesh.stream import connect_socket
 from mesh.timers import INF
+from mesh.transport import Stream, UpstreamTls, secure
 from mesh.watch import Watch
 
 
@@ -26,7 +27,7 @@ class UpstreamConnection:
 
     __slots__ = ("endpoint", "fd", "reader", "requests", "stream")
 
-    def __init__(self, stream: FastStream, endpoint: Endpoint) -> None:
+    def __init__(self, stream: Stream, endpoint: Endpoint) -> None:
         self.stream = stream
         self.endpoint = endpoint
         self.fd = stream.socket.fileno()
@@ -65,8 +66,10 @@ class Cluster:
         pool: PoolSettings,
         connect_timeout: float,
         metrics: Metrics,
+        tls: UpstreamTls | None = None,
     ) -> None:
         self.name = name
+        self.tls = tls
         self.endpoints = endpoints
         self.balancer = make_balancer(balancer)
         self.connect_timeout = connect_timeout
@@ -105,9 +108,15 @@ class Cluster:
         """Open a new connection; MeshError 502, or 504 after `timeout` (None: the caller bounds the time)."""
         with trio.move_on_after(INF if timeout is None else timeout) as scope:
             try:
-                stream = await _open_stream(endpoint.host, endpoint.port)
+                sock = await _open_socket(endpoint.host, endpoint.port)
             except OSError as exc:
                 raise _connect_error(exc) from None
+            try:
+                stream = await secure(sock, self.tls)
+            except BaseException:  # a failed or cancelled handshake: the socket is ours to close
+                trio.lowlevel.notify_closing(sock)
+                sock.close()
+                raise
         if scope.cancelled_caught:
             raise CONNECT_TIMEOUT
         self.metrics.upstream_conn(self.name, "opened")
@@ -139,13 +148,14 @@ class Cluster:
                 c.close()
 
 
-async def _open_stream(host: str, port: int) -> FastStream:
+async def _open_socket(host: str, port: int) -> socket.socket:
     """Connect to an IP literal directly (one socket, the error as the kernel gave it); resolve names otherwise."""
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
-        return FastStream.from_trio(await trio.open_tcp_stream(host, port))
-    return await connect(host, port, family)
+        trio_sock = (await trio.open_tcp_stream(host, port)).socket
+        return socket.socket(trio_sock.family, trio_sock.type, trio_sock.proto, fileno=trio_sock.detach())
+    return await connect_socket(host, port, family)
 
 
 def _connect_error(exc: OSError) -> MeshError:

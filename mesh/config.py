@@ -26,7 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 __all__ = [
-    "MUTUAL_TLS_UNAVAILABLE",
+    "IDENTITY_REQUIRED",
     "Address",
     "AddressField",
     "AdminSettings",
@@ -36,6 +36,8 @@ __all__ = [
     "Duration",
     "Endpoint",
     "EndpointSpec",
+    "IdentityFiles",
+    "IdentitySettings",
     "InboundSettings",
     "Limits",
     "LogSettings",
@@ -342,7 +344,11 @@ class InboundSettings(_Model):
         description="mutual: peers must present mesh certificates; off: plaintext (local trials only).",
     )
     allow: list[Annotated[str, BeforeValidator(_check_allowed_peer)]] = Field(
-        default_factory=list, description="Callers allowed in: service names or full spiffe:// IDs."
+        default_factory=list,
+        description="Callers allowed in: service names or full spiffe:// IDs; empty: any service of the trust domain.",
+    )
+    deny: list[Annotated[str, BeforeValidator(_check_allowed_peer)]] = Field(
+        default_factory=list, description="Callers refused even if allowed: service names or full spiffe:// IDs."
     )
     timeouts: Timeouts = Field(default_factory=Timeouts, description="Time limits of inbound requests.")
     limits: Limits = Field(default_factory=Limits, description="Resource limits of the inbound listener.")
@@ -358,6 +364,10 @@ class UpstreamSettings(_Model):
     tls: Literal["mutual", "off"] = Field(
         "mutual",
         description="mutual: the mesh hop uses mesh certificates; off: plaintext (local trials only).",
+    )
+    identity: Annotated[str, BeforeValidator(_check_allowed_peer)] | None = Field(
+        None,
+        description="The SPIFFE ID the peers must present; default: the service's ID in this mesh.",
     )
     timeouts: Timeouts = Field(default_factory=Timeouts, description="Time limits of requests to this service.")
     limits: Limits = Field(default_factory=Limits, description="Resource limits of this listener.")
@@ -411,6 +421,32 @@ class DiscoverySettings(_Model):
         return self
 
 
+class IdentityFiles(_Model):
+    """Certificate files of this sidecar's identity, watched and reloaded when they change."""
+
+    cert: Path = Field(description="The sidecar's certificate (PEM; the leaf first, then any intermediates).")
+    key: Path = Field(description="Its private key (PEM).")
+    bundle: Path = Field(description="The trust bundle: the mesh CA root certificates (PEM).")
+
+    @field_validator("cert", "key", "bundle")
+    @classmethod
+    def _resolve(cls, path: Path, info: ValidationInfo) -> Path:
+        base_dir = (info.context or {}).get("base_dir", Path.cwd())
+        return Path(os.path.abspath(Path(base_dir) / path))
+
+
+class IdentitySettings(_Model):
+    """Where this sidecar's certificate comes from."""
+
+    files: IdentityFiles | None = Field(None, description="Certificate, key and bundle files.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> IdentitySettings:
+        if self.files is None:
+            raise ValueError("set files: {cert, key, bundle}")
+        return self
+
+
 class AdminSettings(_Model):
     """The admin listener: health, metrics and the running config."""
 
@@ -433,9 +469,9 @@ class ShutdownSettings(_Model):
     drain_timeout: Duration = Field(15.0, description="How long in-flight work may finish after a stop signal.")
 
 
-MUTUAL_TLS_UNAVAILABLE = (
-    "mutual TLS needs the mesh CA, which this version does not have yet; "
-    "set tls: off to run a plaintext mesh hop (local trials only)"
+IDENTITY_REQUIRED = (
+    "mutual TLS needs this sidecar's certificate: set identity: {files: {cert, key, bundle}} "
+    "(mesh ca issue writes them), or tls: off for a plaintext mesh hop (local trials only)"
 )
 
 
@@ -447,13 +483,16 @@ class SidecarConfig(_Model):
     inbound: InboundSettings | None = Field(None, description="The listener for peers; null for a client-only sidecar.")
     upstreams: list[UpstreamSettings] = Field(default_factory=list, description="Services the application calls.")
     discovery: DiscoverySettings | None = Field(None, description="Where upstream endpoints come from.")
+    identity: IdentitySettings | None = Field(
+        None, description="This sidecar's certificate; required when any mesh hop uses tls: mutual."
+    )
     admin: AdminSettings = Field(default_factory=AdminSettings, description="The admin listener.")
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings, description="Graceful shutdown.")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> SidecarConfig:
-        problems = [*_conflicts(self), *_mutual_tls_unavailable(self)]
+        problems = [*_conflicts(self), *_identity_missing(self)]
         if problems:
             text = "\n".join(f"{_format_loc(loc)}: {message}" for loc, message in problems)
             raise PydanticCustomError("config_conflict", text, {"problems": tuple(problems)})
@@ -508,13 +547,14 @@ def _overlaps(a: Address, b: Address) -> bool:
     return a.port == b.port != 0 and (a.host in _WILDCARD_HOSTS or b.host in _WILDCARD_HOSTS)
 
 
-def _mutual_tls_unavailable(cfg: SidecarConfig) -> list[_Problem]:
-    # Temporary: mutual TLS is refused until the mesh CA can issue identities; the CA work deletes this.
+def _identity_missing(cfg: SidecarConfig) -> list[_Problem]:
+    if cfg.identity is not None:
+        return []
     problems: list[_Problem] = []
     if cfg.inbound is not None and cfg.inbound.tls == "mutual":
-        problems.append((("inbound", "tls"), MUTUAL_TLS_UNAVAILABLE))
+        problems.append((("inbound", "tls"), IDENTITY_REQUIRED))
     problems += [
-        (("upstreams", i, "tls"), MUTUAL_TLS_UNAVAILABLE)
+        (("upstreams", i, "tls"), IDENTITY_REQUIRED)
         for i, upstream in enumerate(cfg.upstreams)
         if upstream.tls == "mutual"
     ]

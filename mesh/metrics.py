@@ -1,7 +1,7 @@
 """Prometheus metrics of one sidecar: cheap per-request recording and the text exposition."""
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
@@ -142,6 +142,15 @@ class Metrics:
             count = 0
         self._pool_events[key] = count + 1
 
+    def watch_certificate_expiry(self, seconds_left: Callable[[], float | None]) -> None:
+        """Expose `mesh_certificate_expiry_seconds`, read from `seconds_left()` at scrape time."""
+        gauge = Gauge(
+            "mesh_certificate_expiry_seconds",
+            "Seconds until this sidecar's certificate expires (negative once it has; NaN before one is loaded).",
+            registry=self.registry,
+        )
+        gauge.set_function(lambda: _or_nan(seconds_left()))
+
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every metric: (body, content type)."""
         return _generate_text(self.registry), _TEXT_CONTENT_TYPE
@@ -208,6 +217,10 @@ class _HotPathCollector:
         for labels, count in sorted(m._pool_events.items()):
             pool.add_metric(list(labels), count)
         yield pool
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _bound_label(bound: float) -> str:

@@ -17,9 +17,9 @@ from mesh.http1 import END, ProtocolError, RequestHead, RequestReader, ResponseH
 from mesh.listener import Drain
 from mesh.log import AccessLog
 from mesh.metrics import Metrics
-from mesh.stream import FastStream
 from mesh.tcp import splice
 from mesh.timers import INF, Sweeper
+from mesh.transport import Accepted, Acceptor, PlainAccept
 
 log = structlog.get_logger("mesh.proxy")
 
@@ -64,7 +64,9 @@ class HttpProxy:
         access_log: AccessLog,
         drain: Drain,
         sweeper: Sweeper,
+        acceptor: Acceptor | None = None,
     ) -> None:
+        self.acceptor = acceptor or PlainAccept()
         self.settings = settings
         self.cluster = cluster
         self.metrics = metrics
@@ -77,12 +79,14 @@ class HttpProxy:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serve one downstream connection until it closes; the listener closes `stream` afterwards."""
+        accepted = await self.acceptor.accept(stream)
+        if accepted is None:
+            return  # refused at the TLS handshake; the acceptor logged why
         self.metrics.connection_opened(self.settings.direction, self.settings.upstream)
-        fast = FastStream.from_trio(stream)
         try:
-            await _Downstream(self, fast).serve()
+            await _Downstream(self, accepted).serve()
         finally:
-            fast.close()
+            accepted.stream.close()
             self.metrics.connection_closed(self.settings.direction, self.settings.upstream)
 
 
@@ -115,6 +119,7 @@ class _Downstream:
     """One downstream connection: a loop of request → response exchanges."""
 
     __slots__ = (
+        "accepted",
         "deadline",
         "exchange",
         "limits",
@@ -128,9 +133,10 @@ class _Downstream:
         "waiting_for",
     )
 
-    def __init__(self, proxy: HttpProxy, stream: FastStream) -> None:
+    def __init__(self, proxy: HttpProxy, accepted: Accepted) -> None:
         self.proxy = proxy
-        self.stream = stream
+        self.stream = stream = accepted.stream
+        self.accepted = accepted
         # Timeouts: `deadline` (trio clock) and `waiting_for` change freely on the hot path; the sweeper
         # cancels `timer`, which wraps the whole connection, once the deadline passes.
         self.deadline = INF
@@ -367,6 +373,8 @@ class _Downstream:
             headers.append((b"x-request-id", ex.request_id))
         if not head.authority:  # HTTP/1.0 without Host: the upstream hop is HTTP/1.1, which requires one
             headers.append((b"host", ex.endpoint.encode()))
+        if self.accepted.peer_identity is not None:  # the caller's verified identity, for the application
+            headers.append((b"x-mesh-peer-identity", self.accepted.peer_identity.encode()))
         if head.chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         elif head.content_length is not None:
@@ -382,6 +390,8 @@ class _Downstream:
 
     async def _forward(self, head: RequestHead, ex: _Exchange, start: float) -> bool:
         proxy = self.proxy
+        if not self.accepted.allowed:
+            raise MeshError(403, f"caller {self.accepted.peer_identity} denied: {self.accepted.rule}")
         cluster = proxy.cluster
         endpoint = cluster.pick()
         ex.endpoint = str(endpoint)

@@ -32,13 +32,6 @@ class FastStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._streak = 0
 
-    @classmethod
-    def from_trio(cls, stream: trio.SocketStream) -> FastStream:
-        """Take over the socket of a trio SocketStream (the SocketStream is left closed)."""
-        trio_sock = stream.socket
-        family, kind, proto = trio_sock.family, trio_sock.type, trio_sock.proto
-        return cls(socket.socket(family, kind, proto, fileno=trio_sock.detach()))
-
     def __repr__(self) -> str:
         return f"<FastStream fd={self.socket.fileno()}>"
 
@@ -121,8 +114,9 @@ class FastStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
-async def connect(host: str, port: int, family: socket.AddressFamily) -> FastStream:
-    """Open a TCP connection to an IP literal; the kernel's error (e.g. ConnectionRefusedError) is raised as is."""
+async def connect_socket(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
+    """Open a non-blocking TCP connection to an IP literal; the kernel's error (e.g. ConnectionRefusedError)
+    is raised as is."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -138,4 +132,4 @@ async def connect(host: str, port: int, family: socket.AddressFamily) -> FastStr
         trio.lowlevel.notify_closing(sock)
         sock.close()
         raise
-    return FastStream(sock)
+    return sock

@@ -8,9 +8,10 @@ from mesh.cluster import Cluster
 from mesh.errors import MeshError
 from mesh.log import AccessLog
 from mesh.metrics import Metrics
-from mesh.stream import FastStream
+from mesh.transport import Acceptor, PlainAccept
 
 _READ_SIZE = 65536
+
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -49,8 +50,16 @@ class TcpProxy:
     """Serves `tcp` listeners: each downstream connection is spliced to a new connection to a cluster endpoint."""
 
     def __init__(
-        self, *, direction: str, cluster: Cluster, idle_timeout: float, metrics: Metrics, access_log: AccessLog
+        self,
+        *,
+        direction: str,
+        cluster: Cluster,
+        idle_timeout: float,
+        metrics: Metrics,
+        access_log: AccessLog,
+        acceptor: Acceptor | None = None,
     ) -> None:
+        self.acceptor = acceptor or PlainAccept()
         self.direction = direction
         self.cluster = cluster
         self.idle_timeout = idle_timeout
@@ -71,8 +80,14 @@ class TcpProxy:
             peer = f"{host}:{port}"
         except OSError:
             peer = ""
+        accepted = await self.acceptor.accept(stream)
+        if accepted is None:
+            return  # refused at the TLS handshake; the acceptor logged why
+        downstream = accepted.stream
+        if not accepted.allowed:
+            downstream.close()  # a TCP caller the policy refuses is simply closed (the acceptor logged why)
+            return
         self.metrics.connection_opened(self.direction, cluster.name)
-        downstream = FastStream.from_trio(stream)
         try:
             chosen = cluster.pick()
             endpoint = str(chosen)

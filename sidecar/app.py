@@ -10,17 +10,20 @@ from typing import Any
 
 import structlog
 import trio
+from mesh.spiffe import Authorizer, spiffe_id
 
 from mesh import log as mesh_log
 from mesh.admin import AdminApp
 from mesh.cluster import Cluster
 from mesh.config import Address, BalancerSettings, InboundSettings, SidecarConfig, UpstreamSettings, dump_config, redact
 from mesh.discovery import Endpoint, EndpointSet, discovery_from_settings
+from mesh.identity import FileIdentity
 from mesh.listener import Drain, serve_tcp
 from mesh.metrics import Metrics
 from mesh.proxy import HttpProxy, HttpProxySettings
 from mesh.tcp import TcpProxy
 from mesh.timers import Sweeper
+from mesh.transport import Acceptor, MutualTlsAccept, PlainAccept, UpstreamTls
 from mesh.watch import Watch
 
 log = structlog.get_logger("sidecar")
@@ -39,6 +42,9 @@ class Sidecar:
         self.drain = Drain()
         self.sweeper = Sweeper()
         self.discovery = discovery_from_settings(config.discovery) if config.discovery else None
+        self.identity = FileIdentity(config.identity.files) if config.identity and config.identity.files else None
+        if self.identity is not None:
+            self.metrics.watch_certificate_expiry(self.identity.seconds_until_expiry)
         self.clusters: list[Cluster] = []
         self.listeners: list[tuple[str, Address, Any, int]] = []  # (name, bind, handler, max_connections)
         self.bound: dict[str, Address] = {}
@@ -64,7 +70,21 @@ class Sidecar:
                 connect_timeout=inbound.timeouts.connect,
                 metrics=self.metrics,
             )
-            self._add_listener("inbound", "inbound", inbound.bind, config.service.protocol, cluster, inbound)
+            acceptor: Acceptor = PlainAccept()
+            if inbound.tls == "mutual":
+                assert self.identity is not None  # the config requires an identity for tls: mutual
+                mesh = config.mesh
+                authorizer = Authorizer(
+                    inbound.allow,
+                    inbound.deny,
+                    trust_domain=mesh.trust_domain,
+                    namespace=mesh.namespace,
+                    datacenter=mesh.datacenter,
+                )
+                acceptor = MutualTlsAccept(
+                    self.identity, authorizer, handshake_timeout=inbound.timeouts.request_headers
+                )
+            self._add_listener("inbound", "inbound", inbound.bind, config.service.protocol, cluster, inbound, acceptor)
         for index, upstream in enumerate(config.upstreams):
             assert self.discovery is not None  # the config requires discovery when upstreams exist
             cluster = Cluster(
@@ -74,6 +94,7 @@ class Sidecar:
                 pool=upstream.pool,
                 connect_timeout=upstream.timeouts.connect,
                 metrics=self.metrics,
+                tls=self._upstream_tls(upstream),
             )
             name = f"upstreams[{index}]:{upstream.service}"
             self._add_listener(name, "outbound", upstream.bind, upstream.protocol, cluster, upstream)
@@ -86,6 +107,7 @@ class Sidecar:
         protocol: str,
         cluster: Cluster,
         settings: InboundSettings | UpstreamSettings,
+        acceptor: Acceptor | None = None,
     ) -> None:
         """One listener in front of `cluster`: an HTTP proxy or, for protocol `tcp`, a byte splice."""
         self.clusters.append(cluster)
@@ -96,6 +118,7 @@ class Sidecar:
                 idle_timeout=settings.timeouts.idle,
                 metrics=self.metrics,
                 access_log=self.access_log,
+                acceptor=acceptor,
             ).handle
         else:
             handler = HttpProxy(
@@ -105,16 +128,32 @@ class Sidecar:
                 access_log=self.access_log,
                 drain=self.drain,
                 sweeper=self.sweeper,
+                acceptor=acceptor,
             ).handle
         self.listeners.append((name, bind, handler, settings.limits.max_connections))
 
     # -- admin views ---------------------------------------------------------------------------------------
+    def _upstream_tls(self, upstream: UpstreamSettings) -> UpstreamTls | None:
+        if upstream.tls != "mutual":
+            return None
+        assert self.identity is not None  # the config requires an identity for tls: mutual
+        mesh = self.config.mesh
+        expected = upstream.identity or spiffe_id(mesh.trust_domain, mesh.namespace, mesh.datacenter, upstream.service)
+        return UpstreamTls(self.identity, expected_id=expected, server_name=upstream.service)
+
     def ready(self) -> tuple[bool, str]:
         if self.drain.draining:
             return False, "draining"
         if not self.serving:
             return False, "starting"
+        if self.identity is not None:
+            return self.identity.ready()
         return True, "ready"
+
+    def certs(self) -> dict[str, Any]:
+        if self.identity is None:
+            return {"loaded": False, "reason": "no identity configured (every mesh hop is tls: off)"}
+        return self.identity.status()
 
     def cluster_state(self) -> dict[str, Any]:
         now = time.time()
@@ -148,9 +187,12 @@ class Sidecar:
             ready=self.ready,
             config=lambda: redact(dump_config(config)),
             clusters=self.cluster_state,
+            certs=self.certs,
         )
         admin_drain = Drain()
         async with trio.open_nursery() as background:
+            if self.identity is not None:
+                await background.start(self.identity.run)
             if self.discovery is not None:
                 await background.start(self.discovery.run)
             background.start_soon(self.sweeper.run)

@@ -1,9 +1,11 @@
 """Benchmark adapter: runs one sidecar as `ROLE LISTEN_PORT FORWARD_PORT` for `shared/bench/peers.sh --sidecar`.
 
 Role `hop` is one sidecar with one plaintext upstream listener (listen → forward), configured with the
-defaults a user gets (access log on, level info). Roles `outbound`/`inbound` need mutual TLS and the
-mesh CA, which this version does not have yet. Extra YAML settings can be merged in with the
-environment variable MESH_BENCH_OVERRIDES (a JSON object, e.g. '{"log": {"access_log": false}}')."""
+defaults a user gets (access log off, level info). Role `outbound` is a client-only sidecar whose
+upstream listener reaches FORWARD over mutual TLS; role `inbound` is a sidecar whose mTLS inbound
+listener forwards to the app on FORWARD. Their certificates, trust bundle and identities come from the
+harness's BENCH_* variables. Extra settings can be merged in with the environment variable
+MESH_BENCH_OVERRIDES (a JSON object, e.g. '{"log": {"access_log": true}}')."""
 
 from __future__ import annotations
 
@@ -26,6 +28,35 @@ def hop_config(listen: int, forward: int) -> dict:
     }
 
 
+def outbound_config(listen: int, forward: int, env: dict[str, str]) -> dict:
+    upstream = {"service": "backend", "bind": f"127.0.0.1:{listen}", "tls": "mutual"}
+    if env.get("BENCH_INBOUND_SPIFFE"):
+        upstream["identity"] = env["BENCH_INBOUND_SPIFFE"]
+    return {
+        "service": {"name": "bench", "app": "127.0.0.1:1"},
+        "upstreams": [upstream],
+        "discovery": {"static": {"backend": [f"127.0.0.1:{forward}"]}},
+        "identity": {
+            "files": {"cert": env["BENCH_OUTBOUND_CERT"], "key": env["BENCH_OUTBOUND_KEY"], "bundle": env["BENCH_CA"]}
+        },
+        "admin": {"bind": "127.0.0.1:0"},
+    }
+
+
+def inbound_config(listen: int, forward: int, env: dict[str, str]) -> dict:
+    inbound: dict = {"bind": f"127.0.0.1:{listen}", "tls": "mutual"}
+    if env.get("BENCH_OUTBOUND_SPIFFE"):
+        inbound["allow"] = [env["BENCH_OUTBOUND_SPIFFE"]]
+    return {
+        "service": {"name": "backend", "app": f"127.0.0.1:{forward}"},
+        "inbound": inbound,
+        "identity": {
+            "files": {"cert": env["BENCH_INBOUND_CERT"], "key": env["BENCH_INBOUND_KEY"], "bundle": env["BENCH_CA"]}
+        },
+        "admin": {"bind": "127.0.0.1:0"},
+    }
+
+
 def _merge(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -40,10 +71,18 @@ def main(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     role, listen, forward = argv[0], int(argv[1]), int(argv[2])
-    if role != "hop":
-        print(f"role {role!r} needs mutual TLS from the mesh CA, which this version does not have yet", file=sys.stderr)
+    builders = {"hop": lambda: hop_config(listen, forward)}
+    builders["outbound"] = lambda: outbound_config(listen, forward, dict(os.environ))
+    builders["inbound"] = lambda: inbound_config(listen, forward, dict(os.environ))
+    if role not in builders:
+        print(USAGE, file=sys.stderr)
         return 2
-    config = _merge(hop_config(listen, forward), json.loads(os.environ.get("MESH_BENCH_OVERRIDES", "{}")))
+    try:
+        base = builders[role]()
+    except KeyError as missing:
+        print(f"role {role} needs the environment variable {missing.args[0]} (set by peers.sh)", file=sys.stderr)
+        return 2
+    config = _merge(base, json.loads(os.environ.get("MESH_BENCH_OVERRIDES", "{}")))
     try:
         parsed = parse_config(json.dumps(config), name="<bench>", base_dir=Path.cwd())  # JSON is YAML
     except ConfigError as exc:

@@ -163,10 +163,12 @@ def render_configs(base_port: int, into: Path) -> Rendered:
 
 def _shift_ports(data: Any, shift: dict[int, int], source: str, path: str = "") -> Any:
     if isinstance(data, dict):
-        return {key: _shift_address(value, shift, source, f"{path}.{key}" if path else str(key))
-                if key in ("bind", "app", "address") and isinstance(value, str)
-                else _shift_ports(value, shift, source, f"{path}.{key}" if path else str(key))
-                for key, value in data.items()}
+        return {
+            key: _shift_address(value, shift, source, f"{path}.{key}" if path else str(key))
+            if key in ("bind", "app", "address") and isinstance(value, str)
+            else _shift_ports(value, shift, source, f"{path}.{key}" if path else str(key))
+            for key, value in data.items()
+        }
     if isinstance(data, list):
         return [_shift_ports(item, shift, source, f"{path}[{i}]") for i, item in enumerate(data)]
     return data
@@ -176,8 +178,10 @@ def _shift_address(value: str, shift: dict[int, int], source: str, path: str) ->
     address = parse_address(value)
     if address.port not in shift:
         known = ", ".join(str(port) for port, _ in PORT_LAYOUT)
-        raise DemoError(f"{source}: {path}: port {address.port} is not one of the demo's ports ({known}); "
-                        "add it to PORT_LAYOUT in sidecar/demo.py")
+        raise DemoError(
+            f"{source}: {path}: port {address.port} is not one of the demo's ports ({known}); "
+            "add it to PORT_LAYOUT in sidecar/demo.py"
+        )
     return str(address._replace(port=shift[address.port]))
 
 
@@ -187,8 +191,10 @@ def _write_yaml(path: Path, data: Any) -> None:
 
 def _check_base_port(base_port: int) -> None:
     if not 1 <= base_port <= 65536 - PORT_COUNT:
-        raise DemoError(f"--base-port must be between 1 and {65536 - PORT_COUNT} (got {base_port}): "
-                        f"the demo uses {PORT_COUNT} consecutive ports from there")
+        raise DemoError(
+            f"--base-port must be between 1 and {65536 - PORT_COUNT} (got {base_port}): "
+            f"the demo uses {PORT_COUNT} consecutive ports from there"
+        )
 
 
 def check_ports_free(base_port: int) -> None:
@@ -214,15 +220,41 @@ def _children(rendered: Rendered) -> list[Child]:
     logs = rendered.directory
     web_app, api_app = rendered.web.service.app.port, rendered.api.service.app.port
     return [
-        Child("api app", [python, str(EXAMPLES / "api.py"), "--port", str(api_app)], logs / "api-app.log",
-              api_app, sidecar=False),
-        Child("web app", [python, str(EXAMPLES / "web.py"), "--port", str(web_app),
-                          "--api-url", f"http://127.0.0.1:{rendered.web_to_api}"],
-              logs / "web-app.log", web_app, sidecar=False),
-        Child("api sidecar", [python, "-m", "mesh.cli", "sidecar", "run", "--config", str(rendered.api_path)],
-              logs / "api-sidecar.log", rendered.api.admin.bind.port, sidecar=True),
-        Child("web sidecar", [python, "-m", "mesh.cli", "sidecar", "run", "--config", str(rendered.web_path)],
-              logs / "web-sidecar.log", rendered.web.admin.bind.port, sidecar=True),
+        Child(
+            "api app",
+            [python, str(EXAMPLES / "api.py"), "--port", str(api_app)],
+            logs / "api-app.log",
+            api_app,
+            sidecar=False,
+        ),
+        Child(
+            "web app",
+            [
+                python,
+                str(EXAMPLES / "web.py"),
+                "--port",
+                str(web_app),
+                "--api-url",
+                f"http://127.0.0.1:{rendered.web_to_api}",
+            ],
+            logs / "web-app.log",
+            web_app,
+            sidecar=False,
+        ),
+        Child(
+            "api sidecar",
+            [python, "-m", "mesh.cli", "sidecar", "run", "--config", str(rendered.api_path)],
+            logs / "api-sidecar.log",
+            rendered.api.admin.bind.port,
+            sidecar=True,
+        ),
+        Child(
+            "web sidecar",
+            [python, "-m", "mesh.cli", "sidecar", "run", "--config", str(rendered.web_path)],
+            logs / "web-sidecar.log",
+            rendered.web.admin.bind.port,
+            sidecar=True,
+        ),
     ]
 
 
@@ -254,8 +286,9 @@ def _run(base_port: int, stop: threading.Event) -> int:
         while not stop.wait(POLL_S * 5):
             for child in children:
                 if (status := child.exited()) is not None:
-                    raise DemoError(f"{child.name} {_exit_reason(status)}; last lines of "
-                                    f"{child.log_path}:\n{child.log_tail()}")
+                    raise DemoError(
+                        f"{child.name} {_exit_reason(status)}; last lines of {child.log_path}:\n{child.log_tail()}"
+                    )
         print("mesh demo: stopping", flush=True)
         return 0
     except DemoError as exc:
@@ -286,8 +319,10 @@ def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
     while pending:
         for child in list(pending):
             if (status := child.exited()) is not None:
-                raise DemoError(f"{child.name} {_exit_reason(status)} while starting; last lines of "
-                                f"{child.log_path}:\n{child.log_tail()}")
+                raise DemoError(
+                    f"{child.name} {_exit_reason(status)} while starting; last lines of "
+                    f"{child.log_path}:\n{child.log_tail()}"
+                )
             ready, last_seen[child.name] = child.is_ready()
             if ready:
                 pending.remove(child)
@@ -295,8 +330,10 @@ def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
             return True
         if time.monotonic() > deadline:
             child = pending[0]
-            raise DemoError(f"{child.name} was not ready after {READY_TIMEOUT_S:g}s (last check: "
-                            f"{last_seen[child.name]}); last lines of {child.log_path}:\n{child.log_tail()}")
+            raise DemoError(
+                f"{child.name} was not ready after {READY_TIMEOUT_S:g}s (last check: "
+                f"{last_seen[child.name]}); last lines of {child.log_path}:\n{child.log_tail()}"
+            )
         if stop.wait(POLL_S):
             return False
     return True
@@ -323,8 +360,11 @@ def _stop_all(children: list[Child]) -> None:
         try:
             child.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            print(f"mesh demo: {child.name} did not stop within {STOP_TIMEOUT_S:g}s of SIGTERM; killing it",
-                  file=sys.stderr, flush=True)
+            print(
+                f"mesh demo: {child.name} did not stop within {STOP_TIMEOUT_S:g}s of SIGTERM; killing it",
+                file=sys.stderr,
+                flush=True,
+            )
             child.proc.kill()
             child.proc.wait()
     for child in children:
@@ -365,8 +405,10 @@ def _instructions(r: Rendered) -> str:
 @contextlib.contextmanager
 def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     """While active, SIGINT, SIGTERM and SIGHUP set `stop` instead of interrupting; then the old handlers."""
-    previous = {signum: signal.signal(signum, lambda signum, frame: stop.set())
-                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: stop.set())
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
     try:
         yield
     finally:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.config import (
-    MUTUAL_TLS_UNAVAILABLE,
+    IDENTITY_REQUIRED,
     Address,
     ConfigError,
     EndpointSpec,
@@ -139,6 +139,7 @@ def test_defaults() -> None:
         "inbound": None,
         "upstreams": [],
         "discovery": None,
+        "identity": None,
         "admin": {"bind": "127.0.0.1:9901"},
         "log": {"level": "info", "access_log": False},
         "shutdown": {"drain_timeout": "15s"},
@@ -156,6 +157,7 @@ def test_upstream_defaults_are_dumped_in_their_compact_forms() -> None:
         "bind": "127.0.0.1:9001",
         "protocol": "http",
         "tls": "off",
+        "identity": None,
         "timeouts": {"connect": "1s", "request_headers": "10s", "request": "15s", "idle": "1h"},
         "limits": {
             "max_connections": 10000,
@@ -326,7 +328,7 @@ def test_bad_addresses(value: str, message: str) -> None:
             "broken-unknown-key.yaml",
             [
                 "upstreams[0].timeout: unknown field 'timeout' "
-                "(allowed: service, bind, protocol, tls, timeouts, limits, pool, balancer)"
+                "(allowed: service, bind, protocol, tls, identity, timeouts, limits, pool, balancer)"
             ],
         ),
         ("broken-protocol.yaml", ["upstreams[0].protocol: must be one of: 'http', 'tcp' (got 'udp')"]),
@@ -338,10 +340,7 @@ def test_bad_addresses(value: str, message: str) -> None:
         ("broken-yaml-syntax.yaml", ["line 3, column 8: mapping values are not allowed here"]),
         (
             "broken-tls-mutual.yaml",
-            [
-                "inbound.tls: mutual TLS needs the mesh CA, which this version does not have yet; "
-                "set tls: off to run a plaintext mesh hop (local trials only)"
-            ],
+            [f"inbound.tls: {IDENTITY_REQUIRED}"],
         ),
         (
             "broken-static-missing-service.yaml",
@@ -392,7 +391,7 @@ log: {access_log: maybe}
             MINIMAL + "colour: blue\n",
             [
                 "colour: unknown field 'colour' "
-                "(allowed: mesh, service, inbound, upstreams, discovery, admin, log, shutdown)"
+                "(allowed: mesh, service, inbound, upstreams, discovery, identity, admin, log, shutdown)"
             ],
         ),
         ("service: {name: web, name: api, app: 127.0.0.1:1}\n", ["line 1, column 22: duplicate key 'name'"]),
@@ -447,7 +446,7 @@ upstreams:
         "sidecar.yaml: upstreams[0].bind: 127.0.0.1:9001 overlaps 0.0.0.0:9001 used by inbound.bind",
         "sidecar.yaml: admin.bind: 127.0.0.1:9901 is already used by upstreams[2].bind",
         "sidecar.yaml: discovery: required when upstreams are configured",
-        f"sidecar.yaml: upstreams[1].tls: {MUTUAL_TLS_UNAVAILABLE}",
+        f"sidecar.yaml: upstreams[1].tls: {IDENTITY_REQUIRED}",
     ]
 
 
@@ -459,15 +458,18 @@ def test_port_zero_binds_never_collide() -> None:
     assert cfg.admin.bind.port == 0
 
 
-def test_mutual_tls_is_refused_for_now() -> None:
+def test_mutual_tls_needs_an_identity() -> None:
     text = (
         MINIMAL
         + "inbound: {}\nupstreams: [{service: api, bind: 127.0.0.1:9001}]\ndiscovery: {file: r.yaml}\n"
     )
     assert errors_of(text) == [
-        f"sidecar.yaml: inbound.tls: {MUTUAL_TLS_UNAVAILABLE}",
-        f"sidecar.yaml: upstreams[0].tls: {MUTUAL_TLS_UNAVAILABLE}",
+        f"sidecar.yaml: inbound.tls: {IDENTITY_REQUIRED}",
+        f"sidecar.yaml: upstreams[0].tls: {IDENTITY_REQUIRED}",
     ]
+    cfg = parse(text + "identity: {files: {cert: certs/cert.pem, key: certs/key.pem, bundle: certs/bundle.pem}}\n")
+    assert cfg.identity.files.cert.name == "cert.pem" and cfg.identity.files.cert.is_absolute()
+    assert cfg.inbound.tls == "mutual" and cfg.upstreams[0].identity is None
 
 
 def test_direct_model_validation_still_names_paths() -> None:
