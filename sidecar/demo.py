@@ -153,12 +153,33 @@ def render_configs(base_port: int, into: Path) -> Rendered:
         if data.get("discovery") and data["discovery"].get("file"):
             # Absolute, and the rendered registry rather than the original.
             data["discovery"]["file"] = str(into / REGISTRY)
+        service = data["service"]["name"]
+        data["identity"] = {"files": {k: str(into / "certs" / service / f"{k}.pem") for k in ("cert", "key", "bundle")}}
         _write_yaml(into / name, data)
+    _issue_certificates(into, [configs[name]["service"]["name"] for name in DEMO_CONFIGS])
     try:
         web, api = (load_config(into / name) for name in DEMO_CONFIGS)
     except ConfigError as exc:
         raise DemoError(f"the configs rendered for --base-port {base_port} are invalid:\n{exc}") from None
     return Rendered(into, web, api, into / "web.yaml", into / "api.yaml")
+
+
+def _issue_certificates(into: Path, services: list[str]) -> None:
+    """A fresh mesh CA for this demo run, and a certificate for each service's sidecar."""
+    from ca.authority import CAError, CertificateAuthority
+    from ca.authority import write_file as write_ca_file
+
+    try:
+        authority = CertificateAuthority.init(into / "ca", "mesh.local")
+        for service in services:
+            issued = authority.issue(service)
+            folder = into / "certs" / service
+            folder.mkdir(parents=True, exist_ok=True)
+            write_ca_file(folder / "cert.pem", issued.cert_pem)
+            write_ca_file(folder / "key.pem", issued.key_pem or b"", private=True)
+            write_ca_file(folder / "bundle.pem", issued.bundle_pem)
+    except CAError as exc:
+        raise DemoError(f"cannot create the demo's certificates: {exc}") from None
 
 
 def _shift_ports(data: Any, shift: dict[int, int], source: str, path: str = "") -> Any:
@@ -379,15 +400,16 @@ def _instructions(r: Rendered) -> str:
     rows = [
         ("web app", f"curl -s http://127.0.0.1:{web_app}/", "web calls api through its sidecar"),
         ("through mesh", f"curl -s http://127.0.0.1:{out}/items", "web's sidecar → api's sidecar → api"),
-        ("", f"curl -s http://127.0.0.1:{out}/headers", "what api received: x-forwarded-for, x-request-id"),
+        ("", f"curl -s http://127.0.0.1:{out}/headers", "what api received, x-mesh-peer-identity included"),
     ]
     if web_in is not None:
-        rows.append(("via inbound", f"curl -s http://127.0.0.1:{web_in}/", "web's sidecar → web → … → api"))
+        rows.append(("mTLS only", f"curl -s http://127.0.0.1:{web_in}/", "refused: peers need a mesh certificate"))
     requests = "/metrics | grep mesh_requests_total"
     rows += [
         ("api app", f"curl -s http://127.0.0.1:{api_app}/items", "plain, no mesh"),
         ("admin", f"curl -s http://127.0.0.1:{web_admin}{requests}", "web's sidecar"),
         ("", f"curl -s http://127.0.0.1:{web_admin}/clusters", "web's sidecar's view of api"),
+        ("", f"curl -s http://127.0.0.1:{web_admin}/certs", "web's identity, expiry and trust bundle"),
         ("", f"curl -s http://127.0.0.1:{api_admin}{requests}", "api's sidecar"),
     ]
     width = max(len(command) for _, command, _ in rows if len(command) <= 45)  # the long ones stick out
@@ -395,6 +417,7 @@ def _instructions(r: Rendered) -> str:
     lines += [f"  {label:<13}{command:<{width}}   ({note})" for label, command, note in rows]
     lines += [
         f"  {'configs':<13}{r.directory}/{{web,api}}.yaml",
+        f"  {'mesh CA':<13}{r.directory}/ca   (try: mesh ca inspect {r.directory}/certs/web/cert.pem)",
         f"  {'registry':<13}{r.directory}/{REGISTRY}   (watched: edit it to add or remove endpoints)",
         f"  {'logs':<13}{r.directory}/*.log   (tail -f them to watch the access logs)",
         "Press Ctrl-C to stop.",

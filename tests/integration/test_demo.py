@@ -173,7 +173,9 @@ def test_demo_serves_through_the_mesh_and_stops_cleanly_on_ctrl_c(demo: tuple[De
     received = {name.lower(): value for name, value in seen["headers"].items()}
     assert received["x-request-id"] == "demo-test-1"  # a caller's request id travels unchanged
     assert "127.0.0.1" in received["x-forwarded-for"]
-    assert not [name for name in received if name.startswith("x-mesh-")]  # stripped on the way
+    # The forged header was stripped; the only x-mesh-* header is the caller's identity, verified over mTLS.
+    assert [name for name in received if name.startswith("x-mesh-")] == ["x-mesh-peer-identity"]
+    assert received["x-mesh-peer-identity"] == "spiffe://mesh.local/ns/default/dc/dc1/svc/web"
 
     _, _, seen = get(running.url("", "/headers"))
     assert isinstance(seen, dict)
@@ -185,9 +187,9 @@ def test_demo_serves_through_the_mesh_and_stops_cleanly_on_ctrl_c(demo: tuple[De
     assert status == 200 and isinstance(page, dict)
     assert page["service"] == "web" and page["api_said"]["service"] == "api"
 
-    # ... and so does a request entering at web's inbound, the way a peer or a gateway calls web
-    status, _, page = get(running.url("via inbound", "/"))
-    assert status == 200 and isinstance(page, dict) and page["api_said"]["service"] == "api"
+    # web's inbound speaks mutual TLS only: a plaintext caller gets no answer at all
+    with pytest.raises((ConnectionError, OSError)):
+        get(running.url("mTLS only", "/"))
 
     with _opener.open(f"http://127.0.0.1:{base + PORT_COUNT - 2}/ready", timeout=10) as response:
         assert response.status == 200  # web's sidecar admin: the last two ports are the admin listeners
@@ -226,8 +228,10 @@ def test_rendered_configs_move_every_port_into_the_base_port_range(tmp_path: Pat
     registry = load_registry(tmp_path / "registry.yaml")
     assert rendered.api.inbound is not None
     assert [e.address for e in registry.services["api"]] == [rendered.api.inbound.bind]
-    # `tls: off` survives the round trip through YAML as the word, not as the boolean false
-    assert yaml.safe_load((tmp_path / "web.yaml").read_text())["inbound"]["tls"] == "off"
+    # every mesh hop runs mutual TLS with certificates the demo's own CA issued
+    assert yaml.safe_load((tmp_path / "web.yaml").read_text())["inbound"]["tls"] == "mutual"
+    assert rendered.web.identity is not None and rendered.web.identity.files is not None
+    assert b"BEGIN CERTIFICATE" in rendered.web.identity.files.cert.read_bytes()
 
 
 def test_example_configs_are_valid_as_shipped() -> None:
