@@ -58,6 +58,14 @@ class Process:
             + "\n".join(self.lines[-30:])
         )
 
+    def wait_for_count(self, text: str, count: int, timeout: float = START_TIMEOUT) -> None:
+        """Block until `text` has appeared in at least `count` lines."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: sum(text in line for line in self.lines) >= count, timeout):
+                raise AssertionError(
+                    f"{self.name}: {text!r} seen fewer than {count} times:\n" + "\n".join(self.lines[-30:])
+                )
+
     def events(self, event: str) -> list[dict]:
         out = []
         with self._changed:

@@ -159,3 +159,53 @@ def test_outbound_never_falls_back_to_plaintext(mesh, tmp_path, authority, backe
     assert response.status == 502
     assert response.headers["x-mesh-error"].startswith("upstream TLS handshake failed")
     assert backend_stats(backend["http"])["requests"] == before
+
+
+def test_certificate_files_are_reloaded_without_a_restart(mesh, tmp_path, authority, backend) -> None:
+    import json
+    import urllib.request
+
+    out_port, _, _, inbound = start_pair(mesh, tmp_path, authority, backend["http"])
+    inbound_admin = json.loads(inbound.wait_for('"sidecar ready"'))["listeners"]["admin"]
+    with urllib.request.urlopen(f"http://{inbound_admin}/certs", timeout=10) as response:
+        before = json.loads(response.read())
+    assert request(out_port, "GET", "/status?code=200").status == 200
+    write_identity(tmp_path / "api", authority.issue("api"))  # a renewal written by another tool
+    inbound.wait_for_count('"identity loaded"', 2)  # the first load happened at start
+    with urllib.request.urlopen(f"http://{inbound_admin}/certs", timeout=10) as response:
+        after = json.loads(response.read())
+    assert after["fingerprint_sha256"] != before["fingerprint_sha256"]
+    assert after["spiffe_id"] == "spiffe://mesh.local/ns/default/dc/dc1/svc/api"
+    assert request(out_port, "GET", "/status?code=200").status == 200
+
+
+def test_old_and_new_root_leaves_interoperate_during_a_rotation(mesh, tmp_path, backend) -> None:
+    created = datetime.now(UTC) - timedelta(days=1)
+    rotating = CertificateAuthority.init(tmp_path / "rotating-ca", "mesh.local", now=created)
+    old_leaf = rotating.issue("web")  # signed by root 1; its bundle lists root 1 only
+    rotating.rotate()
+    rotating.activate()
+    new_leaf = rotating.issue("api")  # signed by root 2; its bundle lists roots 1 and 2
+    assert old_leaf.root != new_leaf.root
+    in_port, out_port = free_port(), free_port()
+    web_files = write_identity(tmp_path / "web", old_leaf)
+    # Bundles are refreshed independently of leaves: web's sidecar already has the new bundle.
+    (tmp_path / "web" / "bundle.pem").write_bytes(rotating.bundle_pem())
+    mesh.sidecar(
+        sidecar_config(
+            service={"name": "api", "app": f"127.0.0.1:{backend['http']}"},
+            inbound={"bind": f"127.0.0.1:{in_port}", "tls": "mutual"},
+            identity=write_identity(tmp_path / "api", new_leaf),
+        ),
+        "inbound",
+    )
+    mesh.sidecar(
+        sidecar_config(
+            service={"name": "web", "app": "127.0.0.1:1"},
+            upstreams=[{"service": "api", "bind": f"127.0.0.1:{out_port}", "tls": "mutual"}],
+            discovery={"static": {"api": [f"127.0.0.1:{in_port}"]}},
+            identity=web_files,
+        ),
+        "outbound",
+    )
+    assert request(out_port, "GET", "/status?code=200").status == 200
