@@ -1,4 +1,4 @@
-"""`mesh ca ...`: argument parsing and handlers for init, issue, inspect, rotate and token."""
+"""`mesh ca ...`: argument parsing and handlers for init, issue, inspect, rotate, token and serve."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from ca.authority import (
     utc_now,
     write_file,
 )
-from mesh.config import format_duration, parse_duration
+from mesh.config import Address, format_duration, parse_address, parse_duration
 
 __all__ = ["build_parser", "main"]
 
@@ -72,6 +72,7 @@ def build_parser(prog: str = "mesh ca") -> argparse.ArgumentParser:
     _add_inspect(commands)
     _add_rotate(commands)
     _add_token(commands)
+    _add_serve(commands)
     return parser
 
 
@@ -361,3 +362,46 @@ def _token(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+# --- serve ---
+
+_DEFAULT_BIND = "127.0.0.1:8400"  # ca.server.DEFAULT_BIND, without importing the server for every ca command
+
+
+def _address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_serve(commands: Any) -> None:
+    serve = _subcommand(
+        commands,
+        "serve",
+        _serve,
+        help="run the HTTPS API that serves the trust bundle and signs CSRs",
+        description=(
+            "Serve the CA over HTTPS: GET /v1/bundle returns the trust bundle to anyone; POST /v1/certificate "
+            "signs a CSR for the identity the caller proves, with a bootstrap token (Authorization: Bearer) or "
+            "with its current, still-valid certificate. The server's own certificate is issued by the CA for "
+            "the service mesh-ca. Rotations and tokens made while it runs take effect at once. It prints where it "
+            "listens and the fingerprints of the bundle's roots, and runs until SIGINT or SIGTERM."
+        ),
+        examples=["mesh ca serve --dir ca", "mesh ca serve --dir ca --bind 0.0.0.0:8400"],
+    )
+    _add_dir(serve)
+    serve.add_argument(
+        "--bind",
+        type=_address,
+        default=_address(_DEFAULT_BIND),
+        metavar="ADDR",
+        help=f"host:port to listen on (default: {_DEFAULT_BIND})",
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ca import server  # lazily: the other ca commands need neither trio nor the server
+
+    return server.run(args.dir, args.bind)
