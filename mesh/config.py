@@ -7,6 +7,7 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -37,6 +38,7 @@ __all__ = [
     "Endpoint",
     "EndpointSpec",
     "IdentityFiles",
+    "IdentityFromCA",
     "IdentitySettings",
     "InboundSettings",
     "Limits",
@@ -435,15 +437,84 @@ class IdentityFiles(_Model):
         return Path(os.path.abspath(Path(base_dir) / path))
 
 
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_ca_url(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an https:// URL (got {_show(value)})")
+    parts = urllib.parse.urlsplit(value.strip())
+    if parts.scheme != "https":
+        raise ValueError(f"the CA is reached over HTTPS: use https://host:port (got {value!r})")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
+    except ValueError:
+        raise ValueError(f"invalid port in {value!r}") from None
+    if not parts.hostname or parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError(f"expected https://host[:port][/path] without credentials, query or fragment (got {value!r})")
+    return value.strip().rstrip("/")
+
+
+def _check_fingerprint(value: object) -> str:
+    text = value.replace(":", "").lower() if isinstance(value, str) else ""
+    if not _FINGERPRINT.fullmatch(text):
+        raise ValueError(
+            f"expected a root's SHA-256 fingerprint: 64 hex digits, colons allowed, as `mesh ca inspect` prints it "
+            f"(got {_show(value)})"
+        )
+    return text
+
+
+class IdentityFromCA(_Model):
+    """This sidecar's certificate from the mesh CA's signing API (`mesh ca serve`), renewed before it expires."""
+
+    url: Annotated[str, BeforeValidator(_check_ca_url)] = Field(
+        description="The CA's signing API, e.g. https://127.0.0.1:8400."
+    )
+    token_file: Path = Field(
+        description="File holding this service's bootstrap token (`mesh ca token`), used for the first certificate."
+    )
+    bundle: Path | None = Field(
+        None, description="The CA's trust bundle (PEM roots) to verify the CA with at start; or give fingerprint."
+    )
+    fingerprint: Annotated[str, BeforeValidator(_check_fingerprint)] | None = Field(
+        None, description="Instead of bundle: the SHA-256 fingerprint of one CA root, to bootstrap trust from."
+    )
+    ttl: Annotated[Duration, Field(gt=0)] = Field(
+        86400.0, description="Certificate lifetime asked for (the CA caps it)."
+    )
+    renew_at: float = Field(
+        0.7, gt=0, lt=1, description="Fraction of the lifetime after which the certificate is renewed (±10 % jitter)."
+    )
+    bundle_refresh: Annotated[Duration, Field(gt=0)] = Field(
+        300.0, description="How often the trust bundle is fetched again from the CA, independently of renewal."
+    )
+
+    @field_validator("token_file", "bundle")
+    @classmethod
+    def _resolve(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is None:
+            return None
+        base_dir = (info.context or {}).get("base_dir", Path.cwd())
+        return Path(os.path.abspath(Path(base_dir) / path))
+
+    @model_validator(mode="after")
+    def _one_trust_anchor(self) -> IdentityFromCA:
+        if (self.bundle is None) == (self.fingerprint is None):
+            raise ValueError("set exactly one of: bundle (a file of CA roots), fingerprint (of one CA root)")
+        return self
+
+
 class IdentitySettings(_Model):
     """Where this sidecar's certificate comes from."""
 
     files: IdentityFiles | None = Field(None, description="Certificate, key and bundle files.")
+    ca: IdentityFromCA | None = Field(None, description="The mesh CA's signing API (`mesh ca serve`).")
 
     @model_validator(mode="after")
     def _one_source(self) -> IdentitySettings:
-        if self.files is None:
-            raise ValueError("set files: {cert, key, bundle}")
+        if (self.files is None) == (self.ca is None):
+            raise ValueError("set exactly one of: files: {cert, key, bundle}, ca: {url, token_file, bundle}")
         return self
 
 

@@ -17,7 +17,7 @@ from mesh.admin import AdminApp
 from mesh.cluster import Cluster
 from mesh.config import Address, BalancerSettings, InboundSettings, SidecarConfig, UpstreamSettings, dump_config, redact
 from mesh.discovery import Endpoint, EndpointSet, discovery_from_settings
-from mesh.identity import FileIdentity
+from mesh.identity import identity_source
 from mesh.listener import Drain, serve_tcp
 from mesh.metrics import Metrics
 from mesh.proxy import HttpProxy, HttpProxySettings
@@ -42,7 +42,9 @@ class Sidecar:
         self.drain = Drain()
         self.sweeper = Sweeper()
         self.discovery = discovery_from_settings(config.discovery) if config.discovery else None
-        self.identity = FileIdentity(config.identity.files) if config.identity and config.identity.files else None
+        self.identity = (
+            identity_source(config.identity, service=config.service.name, mesh=config.mesh) if config.identity else None
+        )
         if self.identity is not None:
             self.metrics.watch_certificate_expiry(self.identity.seconds_until_expiry)
         self.clusters: list[Cluster] = []

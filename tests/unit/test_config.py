@@ -472,6 +472,86 @@ def test_mutual_tls_needs_an_identity() -> None:
     assert cfg.inbound.tls == "mutual" and cfg.upstreams[0].identity is None
 
 
+def test_identity_from_the_ca() -> None:
+    cfg = parse(MINIMAL + "identity: {ca: {url: https://127.0.0.1:8400/, token_file: web.token, bundle: ca.pem}}\n")
+    ca = cfg.identity.ca
+    assert cfg.identity.files is None
+    assert (ca.url, ca.token_file, ca.bundle, ca.fingerprint) == (
+        "https://127.0.0.1:8400",
+        Path("/etc/mesh/web.token"),
+        Path("/etc/mesh/ca.pem"),
+        None,
+    )
+    assert (ca.ttl, ca.renew_at, ca.bundle_refresh) == (86400.0, 0.7, 300.0)
+    dumped = dump_config(cfg)["identity"]["ca"]
+    assert dumped["ttl"] == "24h" and dumped["bundle_refresh"] == "5m"
+    assert redact(dump_config(cfg))["identity"]["ca"]["token_file"] == "<redacted>"
+
+    colons = ":".join(["3D"] * 32)  # as `mesh ca inspect` and openssl print it
+    text = f"identity: {{ca: {{url: 'https://ca.internal', token_file: t, fingerprint: '{colons}', ttl: 1h, "
+    cfg = parse(MINIMAL + text + "renew_at: 0.5, bundle_refresh: 30s}}\n")
+    assert cfg.identity.ca.fingerprint == "3d" * 32 and cfg.identity.ca.bundle is None
+    assert (cfg.identity.ca.ttl, cfg.identity.ca.renew_at, cfg.identity.ca.bundle_refresh) == (3600.0, 0.5, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("identity", "error"),
+    [
+        ("{}", "identity: set exactly one of: files: {cert, key, bundle}, ca: {url, token_file, bundle}"),
+        (
+            "{files: {cert: c, key: k, bundle: b}, ca: {url: 'https://ca', token_file: t, bundle: b}}",
+            "identity: set exactly one of: files: {cert, key, bundle}, ca: {url, token_file, bundle}",
+        ),
+        (
+            "{ca: {url: 'https://ca', token_file: t}}",
+            "identity.ca: set exactly one of: bundle (a file of CA roots), fingerprint (of one CA root)",
+        ),
+        (
+            f"{{ca: {{url: 'https://ca', token_file: t, bundle: b, fingerprint: '{'a' * 64}'}}}}",
+            "identity.ca: set exactly one of: bundle (a file of CA roots), fingerprint (of one CA root)",
+        ),
+        (
+            "{ca: {url: 'http://ca:8400', token_file: t, bundle: b}}",
+            "identity.ca.url: the CA is reached over HTTPS: use https://host:port (got 'http://ca:8400')",
+        ),
+        (
+            "{ca: {url: 'https://ca:99999', token_file: t, bundle: b}}",
+            "identity.ca.url: invalid port in 'https://ca:99999'",
+        ),
+        (
+            "{ca: {url: 'https://u:p@ca?x=1', token_file: t, bundle: b}}",
+            "identity.ca.url: expected https://host[:port][/path] without credentials, query or fragment "
+            "(got 'https://u:p@ca?x=1')",
+        ),
+        ("{ca: {token_file: t, bundle: b}}", "identity.ca.url: required field missing"),
+        (
+            "{ca: {url: 'https://ca', token_file: t, fingerprint: 'ab:cd'}}",
+            "identity.ca.fingerprint: expected a root's SHA-256 fingerprint: 64 hex digits, colons allowed, as "
+            "`mesh ca inspect` prints it (got 'ab:cd')",
+        ),
+        (
+            "{ca: {url: 'https://ca', token_file: t, bundle: b, ttl: 0s}}",
+            "identity.ca.ttl: must be more than 0 (got '0s')",
+        ),
+        (
+            "{ca: {url: 'https://ca', token_file: t, bundle: b, renew_at: 1}}",
+            "identity.ca.renew_at: must be less than 1.0 (got 1)",
+        ),
+        (
+            "{ca: {url: 'https://ca', token_file: t, bundle: b, bundle_refresh: 0}}",
+            "identity.ca.bundle_refresh: must be more than 0 (got 0)",
+        ),
+        (
+            "{ca: {url: 'https://ca', token_file: t, bundle: b, token: x}}",
+            "identity.ca.token: unknown field 'token' (allowed: url, token_file, bundle, fingerprint, ttl, renew_at, "
+            "bundle_refresh)",
+        ),
+    ],
+)
+def test_identity_errors(identity: str, error: str) -> None:
+    assert errors_of(MINIMAL + f"identity: {identity}\n") == [f"sidecar.yaml: {error}"]
+
+
 def test_direct_model_validation_still_names_paths() -> None:
     with pytest.raises(pydantic.ValidationError, match=r"discovery: required when upstreams are configured"):
         SidecarConfig.model_validate(
