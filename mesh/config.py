@@ -542,7 +542,8 @@ class ShutdownSettings(_Model):
 
 IDENTITY_REQUIRED = (
     "mutual TLS needs this sidecar's certificate: set identity: {files: {cert, key, bundle}} "
-    "(mesh ca issue writes them), or tls: off for a plaintext mesh hop (local trials only)"
+    "(mesh ca issue writes them) or identity: {ca: {url, token_file, bundle}} (from mesh ca serve), "
+    "or tls: off for a plaintext mesh hop (local trials only)"
 )
 
 

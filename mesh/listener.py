@@ -89,18 +89,22 @@ async def serve_tcp(
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
 
-    async with trio.open_nursery() as handlers:
-        async with trio.open_nursery() as acceptors:
+    try:
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as acceptors:
+                for listener in listeners:
+                    acceptors.start_soon(_accept_loop, listener, handlers, run_handler, limit, name)
+                task_status.started(bound)
+                log.info("listening", listener=name, address=str(bound))
+                await drain.started.wait()
+                acceptors.cancel_scope.cancel()
             for listener in listeners:
-                acceptors.start_soon(_accept_loop, listener, handlers, run_handler, limit, name)
-            task_status.started(bound)
-            log.info("listening", listener=name, address=str(bound))
-            await drain.started.wait()
-            acceptors.cancel_scope.cancel()
+                await trio.aclose_forcefully(listener)
+            log.info("draining", listener=name, timeout_s=drain_timeout)
+            handlers.cancel_scope.deadline = trio.current_time() + drain_timeout
+    finally:  # also when cancelled without a drain: never leak the listening sockets
         for listener in listeners:
-            await trio.aclose_forcefully(listener)
-        log.info("draining", listener=name, timeout_s=drain_timeout)
-        handlers.cancel_scope.deadline = trio.current_time() + drain_timeout
+            listener.socket.close()
 
 
 async def _accept_loop(

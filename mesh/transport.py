@@ -10,7 +10,7 @@ import structlog
 import trio
 
 from mesh.errors import MeshError
-from mesh.identity import FileIdentity
+from mesh.identity import IdentitySource
 from mesh.spiffe import Authorizer
 from mesh.stream import FastStream
 from mesh.tls import TlsHandshakeError, TlsStream, tls_accept, tls_connect
@@ -55,7 +55,7 @@ class MutualTlsAccept:
     reaches the application. An authenticated caller whom the policy refuses is returned with
     `allowed=False`, so that HTTP callers get a 403 naming the rule (TCP callers are simply closed)."""
 
-    def __init__(self, identity: FileIdentity, authorizer: Authorizer, *, handshake_timeout: float) -> None:
+    def __init__(self, identity: IdentitySource, authorizer: Authorizer, *, handshake_timeout: float) -> None:
         self.identity = identity
         self.authorizer = authorizer
         self.handshake_timeout = handshake_timeout
@@ -96,7 +96,7 @@ class MutualTlsAccept:
 class UpstreamTls:
     """How to reach one upstream over mTLS: our identity, the peer's expected SPIFFE ID and the SNI."""
 
-    identity: FileIdentity
+    identity: IdentitySource
     expected_id: str
     server_name: str
 

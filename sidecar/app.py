@@ -10,7 +10,6 @@ from typing import Any
 
 import structlog
 import trio
-from mesh.spiffe import Authorizer, spiffe_id
 
 from mesh import log as mesh_log
 from mesh.admin import AdminApp
@@ -21,6 +20,7 @@ from mesh.identity import identity_source
 from mesh.listener import Drain, serve_tcp
 from mesh.metrics import Metrics
 from mesh.proxy import HttpProxy, HttpProxySettings
+from mesh.spiffe import Authorizer, spiffe_id
 from mesh.tcp import TcpProxy
 from mesh.timers import Sweeper
 from mesh.transport import Acceptor, MutualTlsAccept, PlainAccept, UpstreamTls

@@ -104,6 +104,7 @@ def test_inbound_refusals_reach_nothing(mesh, tmp_path, authority, backend) -> N
     for name, cert_dir in cases.items():
         assert tls_client(in_port, cert_dir, bundle, REQUEST) == b"", name
     assert backend_stats(backend["http"])["requests"] == before
+    inbound.wait_for_count('"mTLS handshake refused"', len(cases))  # stderr is read by another thread
     refusals = inbound.events("mTLS handshake refused")
     assert len(refusals) >= len(cases)
     assert all(r["reason"] for r in refusals)
