@@ -49,6 +49,18 @@ class Identity:
     def valid_at(self, now: datetime.datetime) -> bool:
         return self.not_before <= now < self.not_after
 
+    def describe(self, now: datetime.datetime) -> dict[str, Any]:
+        """What admin `/certs` shows of this certificate."""
+        return {
+            "loaded": True,
+            "spiffe_id": self.spiffe_id,
+            "not_before": self.not_before.isoformat(),
+            "not_after": self.not_after.isoformat(),
+            "seconds_until_expiry": round((self.not_after - now).total_seconds(), 1),
+            "fingerprint_sha256": self.fingerprint,
+            "bundle_roots": list(self.roots),
+        }
+
 
 def _fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
@@ -192,16 +204,7 @@ class FileIdentity:
         current = self.current
         if current is None:
             return {"loaded": False, "files": {k: str(v) for k, v in self.files.model_dump().items()}}
-        return {
-            "loaded": True,
-            "spiffe_id": current.spiffe_id,
-            "not_before": current.not_before.isoformat(),
-            "not_after": current.not_after.isoformat(),
-            "seconds_until_expiry": round(self.seconds_until_expiry() or 0.0, 1),
-            "fingerprint_sha256": current.fingerprint,
-            "bundle_roots": list(current.roots),
-            "source": "files",
-        }
+        return {**current.describe(self.utcnow()), "source": "files"}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load now, then poll the files for changes; runs until cancelled."""
@@ -329,13 +332,7 @@ class CaIdentity:
         if current is None:
             return {"loaded": False, "spiffe_id": self.spiffe_id, **about}
         return {
-            "loaded": True,
-            "spiffe_id": current.spiffe_id,
-            "not_before": current.not_before.isoformat(),
-            "not_after": current.not_after.isoformat(),
-            "seconds_until_expiry": round(self.seconds_until_expiry() or 0.0, 1),
-            "fingerprint_sha256": current.fingerprint,
-            "bundle_roots": list(current.roots),
+            **current.describe(self.utcnow()),
             "renews_at": self.renews_at.isoformat() if self.renews_at else None,
             **about,
         }
