@@ -31,6 +31,12 @@ done
 [[ -x $PY ]] || { echo "run.sh: $PY is missing; run ./scripts/test once to create the venv" >&2; exit 1; }
 
 BACKEND=28080 HOP=28100 OUT=28110 IN=28111
+for port in $BACKEND $HOP $OUT $IN; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "run.sh: port $port is already in use; stop what listens there first" >&2
+        exit 1
+    fi
+done
 RUN=$(mktemp -d /tmp/triomesh-bench.XXXXXX)
 PIDS=()
 cleanup() {
