@@ -315,15 +315,16 @@ def _hash64(data: bytes) -> int:
 
 def _first_healthy_onwards(owners: list[Endpoint]) -> list[Endpoint | None]:
     """For each slot of a circular table, the first healthy owner at or after it (all None if none is)."""
-    if all(owner.healthy for owner in owners):
-        return list(owners)
-    route: list[Endpoint | None] = [None] * len(owners)
-    following: Endpoint | None = None
-    for _ in range(2):  # the second lap carries the first healthy owner round to the slots at the end
-        for slot in range(len(owners) - 1, -1, -1):
-            if owners[slot].healthy:
-                following = owners[slot]
-            route[slot] = following
+    sick = [slot for slot, owner in enumerate(owners) if not owner.healthy]
+    if len(sick) == len(owners):
+        return [None] * len(owners)
+    route: list[Endpoint | None] = list(owners)
+    size = len(owners)
+    for slot in sick:
+        onwards = slot + 1
+        while not owners[onwards % size].healthy:
+            onwards += 1
+        route[slot] = owners[onwards % size]
     return route
 
 
@@ -348,7 +349,7 @@ class _HashTable(_LoadBlind):
         self._endpoints: Sequence[Endpoint] = ()
         self._fallback = _Usable(())
         self._signature: tuple[tuple[tuple[str, int], int], ...] = ()
-        self._owners: list[tuple[str, int]] = []  # per slot, the owner's address
+        self._owners: list[int] = []  # per slot, the owner's index among the members (sorted by address)
         self._route: list[Endpoint | None] = []  # per slot, the endpoint to use (None: nothing healthy)
 
     def _adopt(self, endpoints: Sequence[Endpoint]) -> None:
@@ -357,12 +358,12 @@ class _HashTable(_LoadBlind):
         if signature != self._signature:
             self._owners = self._build(members)
             self._signature = signature
-        by_key = {member.key: member for member in members}
-        self._route = _first_healthy_onwards([by_key[key] for key in self._owners])
+        # Same signature, same members in the same order: the indexes stay valid, only health is new.
+        self._route = _first_healthy_onwards(list(map(members.__getitem__, self._owners)))
         self._fallback = _Usable(endpoints)
         self._endpoints = endpoints
 
-    def _build(self, members: list[Endpoint]) -> list[tuple[str, int]]:
+    def _build(self, members: list[Endpoint]) -> list[int]:
         raise NotImplementedError
 
 
@@ -395,16 +396,16 @@ class RingHash(_HashTable):
         slot = bisect_right(self._points, _hash64(hash_key))
         return route[slot] if slot < len(route) else route[0]
 
-    def _build(self, members: list[Endpoint]) -> list[tuple[str, int]]:
+    def _build(self, members: list[Endpoint]) -> list[int]:
         total = sum(member.weight for member in members)
         scale = min(1.0, _MAX_RING / (_VNODES * total)) if total else 1.0
         ring = sorted(
-            (_hash64(f"{member}#{i}".encode()), member.key)
-            for member in members
+            (_hash64(f"{member}#{i}".encode()), index)
+            for index, member in enumerate(members)
             for i in range(max(1, round(_VNODES * member.weight * scale)))
         )
         self._points = [point for point, _ in ring]
-        return [key for _, key in ring]
+        return [index for _, index in ring]
 
 
 MAGLEV_TABLE_SIZE = 65537  # prime; Envoy's default. Keep it well above 100 x the number of endpoints.
@@ -436,7 +437,7 @@ class Maglev(_HashTable):
             return None
         return route[_hash64(hash_key) % self._size]
 
-    def _build(self, members: list[Endpoint]) -> list[tuple[str, int]]:
+    def _build(self, members: list[Endpoint]) -> list[int]:
         if not members:
             return []
         size = self._size
@@ -468,8 +469,7 @@ class Maglev(_HashTable):
                 filled += 1
                 if filled == size:
                     break
-        keys = [member.key for member in members]
-        return [keys[index] for index in table]
+        return table
 
 
 _POLICIES: dict[str, Callable[[BalancerSettings, Callable[[], float], random.Random], Balancer]] = {
