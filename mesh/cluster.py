@@ -11,10 +11,12 @@ from typing import Any
 import trio
 
 from mesh.balancer import make_balancer
-from mesh.config import BalancerSettings, PoolSettings
+from mesh.breaker import CircuitBreaker
+from mesh.config import BalancerSettings, CircuitBreakers, OutlierSettings, PoolSettings
 from mesh.discovery import Endpoint, EndpointSet
 from mesh.errors import CONNECT_TIMEOUT, MeshError, no_endpoints
 from mesh.metrics import Metrics
+from mesh.outlier import OutlierDetector
 from mesh.pool import IdlePool
 from mesh.stream import connect_socket
 from mesh.timers import INF
@@ -25,11 +27,12 @@ from mesh.watch import Watch
 class UpstreamConnection:
     """One transport connection to an endpoint, owned by whoever holds it (the pool while idle)."""
 
-    __slots__ = ("endpoint", "fd", "reader", "requests", "stream")
+    __slots__ = ("breaker", "endpoint", "fd", "reader", "requests", "stream")
 
-    def __init__(self, stream: Stream, endpoint: Endpoint) -> None:
+    def __init__(self, stream: Stream, endpoint: Endpoint, breaker: CircuitBreaker) -> None:
         self.stream = stream
         self.endpoint = endpoint
+        self.breaker: CircuitBreaker | None = breaker  # None once closed, so a second close counts nothing
         self.fd = stream.socket.fileno()
         self.requests = 0
         self.reader: Any = None  # the response parser, kept across keep-alive exchanges by the protocol code
@@ -40,6 +43,9 @@ class UpstreamConnection:
     def close(self) -> None:
         """Close at once, without a TLS or HTTP goodbye (the connection carries no request)."""
         self.stream.close()
+        if self.breaker is not None:
+            self.breaker.connection_closed()
+            self.breaker = None
 
     def idle_and_open(self) -> bool:
         """False if the upstream closed the connection (or sent unsolicited bytes) while it sat idle."""
@@ -67,11 +73,19 @@ class Cluster:
         connect_timeout: float,
         metrics: Metrics,
         tls: UpstreamTls | None = None,
+        outlier: OutlierSettings | None = None,
+        circuit_breakers: CircuitBreakers | None = None,
     ) -> None:
         self.name = name
         self.tls = tls
         self.endpoints = endpoints
-        self.balancer = make_balancer(balancer)
+        self.balancer = make_balancer(balancer, clock=trio.current_time)
+        self.policy = balancer.policy
+        self.hash_on = balancer.hash_on
+        self.outlier = (
+            OutlierDetector(outlier, clock=trio.current_time) if outlier and outlier.consecutive_failures else None
+        )
+        self.breaker = CircuitBreaker(circuit_breakers or CircuitBreakers())
         self.connect_timeout = connect_timeout
         self.metrics = metrics
         self.pool: IdlePool[UpstreamConnection] = IdlePool(
@@ -85,14 +99,27 @@ class Cluster:
         count = len(current.endpoints) if current else None
         return f"<Cluster {self.name} endpoints={count} {self.pool!r}>"
 
-    def pick(self) -> Endpoint:
+    def pick(self, hash_key: bytes | None = None) -> Endpoint:
+        """An endpoint for the next request: discovery's set, minus ejected endpoints, through the balancer."""
         current = self.endpoints.value
         if current is None:
             raise no_endpoints(resolved=False)
-        endpoint = self.balancer.pick(current.endpoints)
+        endpoints = current.endpoints
+        if self.outlier is not None:
+            endpoints, _panic = self.outlier.usable(endpoints)
+        endpoint = self.balancer.pick(endpoints, hash_key)
         if endpoint is None:
             raise no_endpoints(resolved=True)
         return endpoint
+
+    def started(self, endpoint: Endpoint) -> None:
+        self.balancer.started(endpoint)
+
+    def finished(self, endpoint: Endpoint, latency_s: float, ok: bool) -> None:
+        """One request's outcome: feeds the balancer's latency view and outlier detection."""
+        self.balancer.finished(endpoint, latency_s, ok)
+        if self.outlier is not None:
+            self.outlier.record(endpoint, ok)
 
     def take_idle(self, endpoint: Endpoint) -> UpstreamConnection | None:
         conn, to_close, stale = self.pool.take(endpoint.key, trio.current_time())
@@ -106,21 +133,29 @@ class Cluster:
 
     async def connect(self, endpoint: Endpoint, *, timeout: float | None) -> UpstreamConnection:
         """Open a new connection; MeshError 502, or 504 after `timeout` (None: the caller bounds the time)."""
-        with trio.move_on_after(INF if timeout is None else timeout) as scope:
-            try:
-                sock = await _open_socket(endpoint.host, endpoint.port)
-            except OSError as exc:
-                raise _connect_error(exc) from None
-            try:
-                stream = await secure(sock, self.tls)
-            except BaseException:  # a failed or cancelled handshake: the socket is ours to close
-                trio.lowlevel.notify_closing(sock)
-                sock.close()
-                raise
-        if scope.cancelled_caught:
-            raise CONNECT_TIMEOUT
+        limit = self.breaker.admit_connection()
+        if limit is not None:
+            raise MeshError(503, f"circuit open ({limit})")
+        opened = False
+        try:
+            with trio.move_on_after(INF if timeout is None else timeout) as scope:
+                try:
+                    sock = await _open_socket(endpoint.host, endpoint.port)
+                except OSError as exc:
+                    raise _connect_error(exc) from None
+                try:
+                    stream = await secure(sock, self.tls)
+                except BaseException:  # a failed or cancelled handshake: the socket is ours to close
+                    trio.lowlevel.notify_closing(sock)
+                    sock.close()
+                    raise
+            if scope.cancelled_caught:
+                raise CONNECT_TIMEOUT
+            opened = True
+        finally:
+            self.breaker.pending_done(opened=opened)
         self.metrics.upstream_conn(self.name, "opened")
-        return UpstreamConnection(stream, endpoint)
+        return UpstreamConnection(stream, endpoint, self.breaker)
 
     def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
         if not reusable:

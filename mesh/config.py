@@ -32,11 +32,13 @@ __all__ = [
     "AddressField",
     "AdminSettings",
     "BalancerSettings",
+    "CircuitBreakers",
     "ConfigError",
     "DiscoverySettings",
     "Duration",
     "Endpoint",
     "EndpointSpec",
+    "HashOn",
     "IdentityFiles",
     "IdentityFromCA",
     "IdentitySettings",
@@ -44,6 +46,7 @@ __all__ = [
     "Limits",
     "LogSettings",
     "MeshSettings",
+    "OutlierSettings",
     "PoolSettings",
     "RegistryFile",
     "ServiceName",
@@ -323,10 +326,55 @@ class PoolSettings(_Model):
     idle_timeout: Duration = Field(60.0, description="An idle pooled connection is closed after this long.")
 
 
+class HashOn(_Model):
+    """What a consistent-hash balancer hashes: one request header or one cookie."""
+
+    header: str | None = Field(None, description="Hash this request header's value (e.g. x-user-id).")
+    cookie: str | None = Field(None, description="Hash this cookie's value.")
+
+    @model_validator(mode="after")
+    def _one(self) -> HashOn:
+        if (self.header is None) == (self.cookie is None):
+            raise ValueError("set exactly one of: header, cookie")
+        return self
+
+
 class BalancerSettings(_Model):
     """How requests are spread over an upstream's endpoints."""
 
-    policy: Literal["round_robin"] = Field("round_robin", description="Load-balancing policy.")
+    policy: Literal["p2c_ewma", "round_robin", "random", "least_request", "ring_hash", "maglev"] = Field(
+        "p2c_ewma",
+        description="p2c_ewma: the lower of two random endpoints' latency x outstanding (Linkerd's default); "
+        "round_robin, random, least_request; ring_hash and maglev keep a key on one endpoint (sticky).",
+    )
+    rtt: Duration = Field(0.030, description="The latency a new endpoint is assumed to have (p2c_ewma).")
+    decay: Duration = Field(10.0, description="How fast latency samples age (p2c_ewma).")
+    hash_on: HashOn | None = Field(None, description="What ring_hash and maglev hash (required for them).")
+
+    @model_validator(mode="after")
+    def _hash_needs_key(self) -> BalancerSettings:
+        if self.policy in ("ring_hash", "maglev") and self.hash_on is None:
+            raise ValueError(f"policy {self.policy} needs hash_on: {{header: NAME}} or {{cookie: NAME}}")
+        return self
+
+
+class OutlierSettings(_Model):
+    """Passive health: endpoints that keep failing are ejected for a while (Envoy's defaults)."""
+
+    consecutive_failures: int = Field(
+        5, ge=0, description="Failures in a row (5xx, connect error, reset) that eject an endpoint; 0 turns it off."
+    )
+    base_ejection: Duration = Field(30.0, description="First ejection time; multiplied by the times ejected.")
+    max_ejection: Duration = Field(300.0, description="Longest ejection.")
+    max_ejected_percent: int = Field(50, ge=0, le=100, description="Never eject more than this share of endpoints.")
+
+
+class CircuitBreakers(_Model):
+    """Per-cluster limits; overflow answers 503 `circuit open (<limit>)` at once."""
+
+    max_connections: int = Field(1024, ge=1, description="Upstream connections open at once.")
+    max_pending: int = Field(1024, ge=1, description="Requests waiting for a new connection at once.")
+    max_requests: int = Field(1024, ge=1, description="Requests in flight at once.")
 
 
 class ServiceSettings(_Model):
@@ -376,6 +424,12 @@ class UpstreamSettings(_Model):
     pool: PoolSettings = Field(default_factory=PoolSettings, description="Connections kept to peer sidecars.")
     balancer: BalancerSettings = Field(
         default_factory=BalancerSettings, description="How requests are spread over the endpoints."
+    )
+    outlier: OutlierSettings = Field(
+        default_factory=OutlierSettings, description="Ejection of endpoints that keep failing."
+    )
+    circuit_breakers: CircuitBreakers = Field(
+        default_factory=CircuitBreakers, description="Limits on connections and requests to this service."
     )
 
 

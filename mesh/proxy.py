@@ -11,7 +11,8 @@ import trio
 
 from mesh import http1
 from mesh.cluster import Cluster, UpstreamConnection
-from mesh.config import Limits, Timeouts
+from mesh.config import HashOn, Limits, Timeouts
+from mesh.discovery import Endpoint
 from mesh.errors import CONNECT_TIMEOUT, REQUEST_TIMEOUT, MeshError
 from mesh.http1 import END, ProtocolError, RequestHead, RequestReader, ResponseHead, ResponseReader, Trailers
 from mesh.listener import Drain
@@ -95,6 +96,7 @@ class _Exchange:
 
     __slots__ = (
         "endpoint",
+        "head_at",
         "mesh_error",
         "request_done",
         "request_id",
@@ -106,6 +108,7 @@ class _Exchange:
 
     def __init__(self) -> None:
         self.endpoint = ""
+        self.head_at = 0.0  # when the final response head arrived (trio clock); 0.0 until then
         self.mesh_error = ""
         self.request_done = False  # the whole request body was read from downstream
         self.request_id = b""
@@ -393,7 +396,41 @@ class _Downstream:
         if not self.accepted.allowed:
             raise MeshError(403, f"caller {self.accepted.peer_identity} denied: {self.accepted.rule}")
         cluster = proxy.cluster
-        endpoint = cluster.pick()
+        limit = cluster.breaker.admit_request()
+        if limit is not None:
+            raise MeshError(503, f"circuit open ({limit})")
+        try:
+            endpoint = cluster.pick(self._hash_key(head, cluster.hash_on) if cluster.hash_on else None)
+        except MeshError:
+            cluster.breaker.request_done()
+            raise
+        cluster.started(endpoint)
+        sent_at = trio.current_time()
+        try:
+            return await self._forward_to(head, ex, start, endpoint)
+        finally:
+            cluster.breaker.request_done()
+            # An outcome for the balancer's latency view and for outlier detection: a 5xx, or no response
+            # at all (refused, reset, timed out), counts against the endpoint.
+            ok = 0 < ex.status < 500 and ex.head_at > 0.0
+            cluster.finished(endpoint, (ex.head_at or trio.current_time()) - sent_at, ok)
+
+    def _hash_key(self, head: RequestHead, hash_on: HashOn) -> bytes | None:
+        """The request's value for a consistent-hash balancer: a header, or a cookie from `cookie` headers."""
+        if hash_on.header is not None:
+            wanted = hash_on.header.lower().encode()
+            return next((value for name, value in head.headers if name == wanted), None)
+        prefix = hash_on.cookie.encode() + b"=" if hash_on.cookie else b""
+        for name, value in head.headers:
+            if name == b"cookie":
+                for part in value.split(b";"):
+                    part = part.strip()
+                    if part.startswith(prefix):
+                        return part[len(prefix) :]
+        return None
+
+    async def _forward_to(self, head: RequestHead, ex: _Exchange, start: float, endpoint: Endpoint) -> bool:
+        cluster = self.proxy.cluster
         ex.endpoint = str(endpoint)
         request_timeout = self.timeouts.request
         deadline = start + request_timeout if request_timeout > 0 else INF
@@ -509,6 +546,7 @@ class _Downstream:
             break
         response: ResponseHead = event
         ex.status = response.status
+        ex.head_at = trio.current_time()
         if response.upgrade:
             return await self._upgraded(head, response, reader, conn, ex)
         return await self._stream_response(head, response, reader, conn, ex, pump)

@@ -97,6 +97,8 @@ class Sidecar:
                 connect_timeout=upstream.timeouts.connect,
                 metrics=self.metrics,
                 tls=self._upstream_tls(upstream),
+                outlier=upstream.outlier,
+                circuit_breakers=upstream.circuit_breakers,
             )
             name = f"upstreams[{index}]:{upstream.service}"
             self._add_listener(name, "outbound", upstream.bind, upstream.protocol, cluster, upstream)
@@ -166,8 +168,18 @@ class Sidecar:
                 "resolved": current is not None,
                 "source": current.source if current else None,
                 "age_s": round(now - current.updated_at, 3) if current else None,
+                "balancer": cluster.policy,
+                "panic": bool(cluster.outlier and cluster.outlier.panic),
+                "circuit": {
+                    "connections": cluster.breaker.connections,
+                    "pending": cluster.breaker.pending,
+                    "requests": cluster.breaker.requests,
+                    "overflows": dict(cluster.breaker.overflows),
+                },
                 "endpoints": [
                     {
+                        **cluster.balancer.state(e),
+                        **(cluster.outlier.state(e) if cluster.outlier else {}),
                         "address": str(e),
                         "weight": e.weight,
                         "healthy": e.healthy,

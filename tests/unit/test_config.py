@@ -166,7 +166,9 @@ def test_upstream_defaults_are_dumped_in_their_compact_forms() -> None:
             "max_body_bytes": None,
         },
         "pool": {"max_idle_per_endpoint": 64, "idle_timeout": "1m"},
-        "balancer": {"policy": "round_robin"},
+        "balancer": {"policy": "p2c_ewma", "rtt": "30ms", "decay": "10s", "hash_on": None},
+        "outlier": {"consecutive_failures": 5, "base_ejection": "30s", "max_ejection": "5m", "max_ejected_percent": 50},
+        "circuit_breakers": {"max_connections": 1024, "max_pending": 1024, "max_requests": 1024},
     }
 
 
@@ -328,7 +330,8 @@ def test_bad_addresses(value: str, message: str) -> None:
             "broken-unknown-key.yaml",
             [
                 "upstreams[0].timeout: unknown field 'timeout' "
-                "(allowed: service, bind, protocol, tls, identity, timeouts, limits, pool, balancer)"
+                "(allowed: service, bind, protocol, tls, identity, timeouts, limits, pool, balancer, outlier, "
+                "circuit_breakers)"
             ],
         ),
         ("broken-protocol.yaml", ["upstreams[0].protocol: must be one of: 'http', 'tcp' (got 'udp')"]),
@@ -413,7 +416,10 @@ log: {access_log: maybe}
         (
             MINIMAL + "upstreams: [{service: api, bind: 127.0.0.1:1, tls: off, balancer: {policy: p2c}}]\n"
             "discovery: {file: r.yaml}\n",
-            ["upstreams[0].balancer.policy: must be one of: 'round_robin' (got 'p2c')"],
+            [
+                "upstreams[0].balancer.policy: must be one of: 'p2c_ewma', 'round_robin', 'random', "
+                "'least_request', 'ring_hash', 'maglev' (got 'p2c')"
+            ],
         ),
         (
             MINIMAL + "inbound: {tls: off, allow: ['spiffe://']}\n",
@@ -421,10 +427,7 @@ log: {access_log: maybe}
         ),
         (
             "mesh: {trust_domain: Mesh.Local}\n" + MINIMAL,
-            [
-                "mesh.trust_domain: invalid trust domain 'Mesh.Local': "
-                "use lowercase letters, digits, '.', '-' and '_'"
-            ],
+            ["mesh.trust_domain: invalid trust domain 'Mesh.Local': use lowercase letters, digits, '.', '-' and '_'"],
         ),
     ],
 )
@@ -459,10 +462,7 @@ def test_port_zero_binds_never_collide() -> None:
 
 
 def test_mutual_tls_needs_an_identity() -> None:
-    text = (
-        MINIMAL
-        + "inbound: {}\nupstreams: [{service: api, bind: 127.0.0.1:9001}]\ndiscovery: {file: r.yaml}\n"
-    )
+    text = MINIMAL + "inbound: {}\nupstreams: [{service: api, bind: 127.0.0.1:9001}]\ndiscovery: {file: r.yaml}\n"
     assert errors_of(text) == [
         f"sidecar.yaml: inbound.tls: {IDENTITY_REQUIRED}",
         f"sidecar.yaml: upstreams[0].tls: {IDENTITY_REQUIRED}",
