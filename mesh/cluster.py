@@ -115,10 +115,10 @@ class Cluster:
     def started(self, endpoint: Endpoint) -> None:
         self.balancer.started(endpoint)
 
-    def finished(self, endpoint: Endpoint, latency_s: float, ok: bool) -> None:
-        """One request's outcome: feeds the balancer's latency view and outlier detection."""
+    def finished(self, endpoint: Endpoint, latency_s: float, ok: bool, *, judged: bool = True) -> None:
+        """One request's outcome: feeds the balancer's latency view and (if `judged`) outlier detection."""
         self.balancer.finished(endpoint, latency_s, ok)
-        if self.outlier is not None:
+        if judged and self.outlier is not None:
             self.outlier.record(endpoint, ok)
 
     def take_idle(self, endpoint: Endpoint) -> UpstreamConnection | None:

@@ -406,14 +406,19 @@ class _Downstream:
             raise
         cluster.started(endpoint)
         sent_at = trio.current_time()
+        client_gone = False
         try:
             return await self._forward_to(head, ex, start, endpoint)
+        except DownstreamGone:
+            client_gone = True  # says nothing about the endpoint
+            raise
         finally:
             cluster.breaker.request_done()
             # An outcome for the balancer's latency view and for outlier detection: a 5xx, or no response
             # at all (refused, reset, timed out), counts against the endpoint.
             ok = 0 < ex.status < 500 and ex.head_at > 0.0
-            cluster.finished(endpoint, (ex.head_at or trio.current_time()) - sent_at, ok)
+            latency = (ex.head_at or trio.current_time()) - sent_at
+            cluster.finished(endpoint, latency, ok, judged=not client_gone)
 
     def _hash_key(self, head: RequestHead, hash_on: HashOn) -> bytes | None:
         """The request's value for a consistent-hash balancer: a header, or a cookie from `cookie` headers."""
