@@ -363,6 +363,19 @@ class _HashTable(_LoadBlind):
         self._fallback = _Usable(endpoints)
         self._endpoints = endpoints
 
+    def pick(self, endpoints: Sequence[Endpoint], hash_key: bytes | None = None) -> Endpoint | None:
+        if endpoints is not self._endpoints:
+            self._adopt(endpoints)
+        if hash_key is None:
+            return self._fallback.one(self._random())
+        route = self._route
+        if not route:
+            return None
+        return self._lookup(route, _hash64(hash_key))
+
+    def _lookup(self, route: list[Endpoint | None], key_hash: int) -> Endpoint | None:
+        raise NotImplementedError
+
     def _build(self, members: list[Endpoint]) -> list[int]:
         raise NotImplementedError
 
@@ -385,15 +398,8 @@ class RingHash(_HashTable):
     def __repr__(self) -> str:
         return f"<RingHash points={len(self._points)} members={len(self._signature)}>"
 
-    def pick(self, endpoints: Sequence[Endpoint], hash_key: bytes | None = None) -> Endpoint | None:
-        if endpoints is not self._endpoints:
-            self._adopt(endpoints)
-        if hash_key is None:
-            return self._fallback.one(self._random())
-        route = self._route
-        if not route:
-            return None
-        slot = bisect_right(self._points, _hash64(hash_key))
+    def _lookup(self, route: list[Endpoint | None], key_hash: int) -> Endpoint | None:
+        slot = bisect_right(self._points, key_hash)
         return route[slot] if slot < len(route) else route[0]
 
     def _build(self, members: list[Endpoint]) -> list[int]:
@@ -427,15 +433,8 @@ class Maglev(_HashTable):
     def __repr__(self) -> str:
         return f"<Maglev size={self._size} members={len(self._signature)}>"
 
-    def pick(self, endpoints: Sequence[Endpoint], hash_key: bytes | None = None) -> Endpoint | None:
-        if endpoints is not self._endpoints:
-            self._adopt(endpoints)
-        if hash_key is None:
-            return self._fallback.one(self._random())
-        route = self._route
-        if not route:
-            return None
-        return route[_hash64(hash_key) % self._size]
+    def _lookup(self, route: list[Endpoint | None], key_hash: int) -> Endpoint | None:
+        return route[key_hash % self._size]
 
     def _build(self, members: list[Endpoint]) -> list[int]:
         if not members:

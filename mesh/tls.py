@@ -9,14 +9,13 @@ import ssl
 import trio
 
 from mesh import spiffe
+from mesh.stream import YIELD_EVERY
 
 # TLS 1.2 suites: forward secrecy and authenticated encryption only (TLS 1.3's suites all are).
 _CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 # Only HTTP/1.1 is spoken on the mesh hop so far. Offer "h2" (first) once the HTTP/2 codec exists: a peer that
 # picked h2 from our offer would otherwise send a preface we cannot read.
 _ALPN = ["http/1.1"]
-# As in mesh.stream.FastStream: after this many calls in a row that did not wait, yield to the scheduler once.
-_YIELD_EVERY = 2
 _RECEIVE_SIZE = 65536
 
 
@@ -71,7 +70,7 @@ class TlsStream(trio.abc.HalfCloseableStream):
     trio.SSLStream runs OpenSSL over memory BIOs: every record costs several Python calls and a separate socket
     call, and every call yields to the scheduler. Here OpenSSL reads and writes the socket itself; a call waits
     (trio.lowlevel.wait_readable/wait_writable) only when OpenSSL says it would block, and a call that did not
-    wait yields every `_YIELD_EVERY` times, as FastStream does, so no connection can hold the event loop.
+    wait yields every `YIELD_EVERY` times, as FastStream does, so no connection can hold the event loop.
     Only one task may send and one may receive at a time. A send_all that is cancelled after OpenSSL started
     writing leaves a partly written record, so the stream is broken for sending afterwards.
 
@@ -156,7 +155,7 @@ class TlsStream(trio.abc.HalfCloseableStream):
 
     async def _maybe_yield(self) -> None:
         self._streak += 1
-        if self._streak >= _YIELD_EVERY:
+        if self._streak >= YIELD_EVERY:
             self._streak = 0
             await trio.lowlevel.checkpoint()
 
