@@ -358,6 +358,25 @@ class BalancerSettings(_Model):
         return self
 
 
+class SuccessRateSettings(_Model):
+    """Envoy's success-rate outlier rule: every interval, endpoints far below the mean success rate are ejected."""
+
+    interval: Duration = Field(10.0, description="How often success rates are compared.")
+    min_hosts: int = Field(5, ge=1, description="Endpoints that must have enough requests for the rule to run.")
+    request_volume: int = Field(100, ge=1, description="Requests an endpoint needs in an interval to be judged.")
+    stdev_factor: float = Field(
+        1.9, gt=0, description="Eject below mean - stdev_factor x stdev of the endpoints' success rates."
+    )
+
+
+class CircuitBreakers(_Model):
+    """Per-cluster limits; overflow answers 503 `circuit open (<limit>)` at once."""
+
+    max_connections: int = Field(1024, ge=1, description="Upstream connections open at once.")
+    max_pending: int = Field(1024, ge=1, description="Requests waiting for a new connection at once.")
+    max_requests: int = Field(1024, ge=1, description="Requests in flight at once.")
+
+
 class OutlierSettings(_Model):
     """Passive health: endpoints that keep failing are ejected for a while (Envoy's defaults)."""
 
@@ -367,14 +386,81 @@ class OutlierSettings(_Model):
     base_ejection: Duration = Field(30.0, description="First ejection time; multiplied by the times ejected.")
     max_ejection: Duration = Field(300.0, description="Longest ejection.")
     max_ejected_percent: int = Field(50, ge=0, le=100, description="Never eject more than this share of endpoints.")
+    success_rate: SuccessRateSettings | None = Field(
+        None, description="Also eject endpoints whose success rate is far below their peers' (off by default)."
+    )
 
 
-class CircuitBreakers(_Model):
-    """Per-cluster limits; overflow answers 503 `circuit open (<limit>)` at once."""
+class RetryBudget(_Model):
+    """How many retries an upstream may get on top of its requests (Linkerd's and Finagle's budget)."""
 
-    max_connections: int = Field(1024, ge=1, description="Upstream connections open at once.")
-    max_pending: int = Field(1024, ge=1, description="Requests waiting for a new connection at once.")
-    max_requests: int = Field(1024, ge=1, description="Requests in flight at once.")
+    percent: int = Field(20, ge=0, le=1000, description="Retries may add this share of the requests in the window.")
+    min_per_second: float = Field(10.0, ge=0, description="Retries per second allowed whatever the request rate.")
+    window: Duration = Field(10.0, description="How long a request or retry counts towards the budget.")
+
+
+RetryReason = Literal["connect_failure", "reset", "per_try_timeout"]
+
+
+class RetrySettings(_Model):
+    """Which failed requests are tried again, on another endpoint, and how often."""
+
+    attempts: int = Field(2, ge=0, le=10, description="Retries after the first try; 0 turns retries off.")
+    on: list[RetryReason] = Field(
+        default_factory=lambda: ["connect_failure", "reset", "per_try_timeout"],
+        description="Failures without a response that are retried: connect_failure (the request never left), "
+        "reset (closed or reset before any response byte), per_try_timeout.",
+    )
+    statuses: list[Annotated[int, Field(ge=500, le=599)]] = Field(
+        default_factory=lambda: [502, 503, 504], description="Response statuses that are retried."
+    )
+    methods: Literal["idempotent", "all"] = Field(
+        "idempotent",
+        description="idempotent: a request that may have reached the upstream is re-sent only for GET, HEAD, "
+        "OPTIONS, TRACE, PUT and DELETE; all: the upstream declares every request safe to repeat.",
+    )
+    per_try_timeout: Duration = Field(0.0, description="Longest wait for each try's response head; 0 turns it off.")
+    backoff_base: Duration = Field(0.025, description="Full-jitter backoff: the first retry waits up to this long.")
+    backoff_max: Duration = Field(0.25, description="Longest backoff between tries.")
+    retry_after_max: Duration = Field(
+        1.0, description="A Retry-After up to this long is waited for; a longer one is not retried. 0 ignores it."
+    )
+    max_body_bytes: Size = Field(64 * 1024, description="Requests with a larger body are never re-sent.")
+    budget: RetryBudget = Field(default_factory=RetryBudget, description="The cap on retries under failure.")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> RetrySettings:
+        if self.backoff_max < self.backoff_base:
+            raise ValueError("backoff_max must not be below backoff_base")
+        return self
+
+
+class HedgeSettings(_Model):
+    """Hedged requests: a second try sent to another endpoint when the first is slow; the first answer wins."""
+
+    delay: Literal["p95"] | Duration = Field(
+        "p95", description="When to send the hedge: p95 (this upstream's recent 95th percentile latency) or a duration."
+    )
+    min_delay: Duration = Field(0.005, description="Never hedge sooner than this (p95 mode).")
+
+
+class HealthCheckSettings(_Model):
+    """Active health checks: each endpoint probed on an interval; combined with discovery and outlier ejection."""
+
+    interval: Duration = Field(10.0, description="Time between probes of one endpoint.")
+    timeout: Duration = Field(1.0, description="A probe not answered in this time fails.")
+    http_path: str | None = Field(
+        None, description="Probe with GET on this path (2xx passes); null probes with a TCP (and TLS) connect."
+    )
+    unhealthy_threshold: int = Field(3, ge=1, description="Failed probes in a row that mark an endpoint unhealthy.")
+    healthy_threshold: int = Field(2, ge=1, description="Passed probes in a row that mark it healthy again.")
+
+    @field_validator("http_path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or any(c in value for c in " \r\n\t")):
+            raise ValueError(f"http_path must start with '/' and contain no whitespace (got {value!r})")
+        return value
 
 
 class ServiceSettings(_Model):
@@ -431,6 +517,11 @@ class UpstreamSettings(_Model):
     circuit_breakers: CircuitBreakers = Field(
         default_factory=CircuitBreakers, description="Limits on connections and requests to this service."
     )
+    retries: RetrySettings = Field(default_factory=RetrySettings, description="Which failed requests are re-sent.")
+    hedging: HedgeSettings | None = Field(
+        None, description="Send a second try for slow idempotent requests (off by default)."
+    )
+    health_check: HealthCheckSettings | None = Field(None, description="Active health checks (off by default).")
 
 
 class EndpointSpec(_Model):

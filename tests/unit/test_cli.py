@@ -127,5 +127,5 @@ def test_console_command_reports_a_broken_file_without_a_traceback() -> None:
     assert result.stderr == (
         "broken-unknown-key.yaml: upstreams[0].timeout: unknown field 'timeout' "
         "(allowed: service, bind, protocol, tls, identity, timeouts, limits, pool, balancer, outlier, "
-        "circuit_breakers)\n"
+        "circuit_breakers, retries, hedging, health_check)\n"
     )

@@ -167,8 +167,28 @@ def test_upstream_defaults_are_dumped_in_their_compact_forms() -> None:
         },
         "pool": {"max_idle_per_endpoint": 64, "idle_timeout": "1m"},
         "balancer": {"policy": "p2c_ewma", "rtt": "30ms", "decay": "10s", "hash_on": None},
-        "outlier": {"consecutive_failures": 5, "base_ejection": "30s", "max_ejection": "5m", "max_ejected_percent": 50},
+        "outlier": {
+            "consecutive_failures": 5,
+            "base_ejection": "30s",
+            "max_ejection": "5m",
+            "max_ejected_percent": 50,
+            "success_rate": None,
+        },
         "circuit_breakers": {"max_connections": 1024, "max_pending": 1024, "max_requests": 1024},
+        "retries": {
+            "attempts": 2,
+            "on": ["connect_failure", "reset", "per_try_timeout"],
+            "statuses": [502, 503, 504],
+            "methods": "idempotent",
+            "per_try_timeout": "0s",
+            "backoff_base": "25ms",
+            "backoff_max": "250ms",
+            "retry_after_max": "1s",
+            "max_body_bytes": "64KiB",
+            "budget": {"percent": 20, "min_per_second": 10.0, "window": "10s"},
+        },
+        "hedging": None,
+        "health_check": None,
     }
 
 
@@ -331,7 +351,7 @@ def test_bad_addresses(value: str, message: str) -> None:
             [
                 "upstreams[0].timeout: unknown field 'timeout' "
                 "(allowed: service, bind, protocol, tls, identity, timeouts, limits, pool, balancer, outlier, "
-                "circuit_breakers)"
+                "circuit_breakers, retries, hedging, health_check)"
             ],
         ),
         ("broken-protocol.yaml", ["upstreams[0].protocol: must be one of: 'http', 'tcp' (got 'udp')"]),
