@@ -1,7 +1,8 @@
-"""OutlierDetector: consecutive-failure ejection, growing and capped durations, the ejection cap, probation, panic."""
+"""OutlierDetector: consecutive-failure and success-rate ejection, growing and capped durations, the cap, probation."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hypothesis import given, settings
@@ -12,11 +13,20 @@ from mesh.outlier import OutlierDetector
 
 
 @dataclass
+class SuccessRate:
+    interval: float = 10.0
+    min_hosts: int = 5
+    request_volume: int = 100
+    stdev_factor: float = 1.9
+
+
+@dataclass
 class Policy:
     consecutive_failures: int = 5
     base_ejection: float = 30.0
     max_ejection: float = 300.0
     max_ejected_percent: int = 50
+    success_rate: SuccessRate | None = None
 
 
 class Clock:
@@ -63,6 +73,8 @@ def test_five_consecutive_failures_eject_for_30s_then_return() -> None:
         "ejected_until": 1030.0,
         "times_ejected": 1,
         "probation": False,
+        "success_rate": None,
+        "ejected_by": "consecutive_failures",
     }
     clock.advance(29.9)
     assert keys(detector.usable(eps)) == [8001, 8002, 8003]
@@ -252,6 +264,218 @@ def test_set_shrinking_under_ejections_keeps_the_cap() -> None:
     assert detector.state(eps[0])["probation"] is True
 
 
+# -- the success-rate rule --------------------------------------------------------------------------------------
+
+
+def make_sr(
+    n: int = 7, *, consecutive_failures: int = 0, max_ejected_percent: int = 50, **rule: float
+) -> tuple[OutlierDetector, Clock, tuple[Endpoint, ...]]:
+    """A detector with the success-rate rule on (and, unless asked, the consecutive rule off), its set seen once."""
+    clock = Clock()
+    policy = Policy(
+        consecutive_failures=consecutive_failures,
+        max_ejected_percent=max_ejected_percent,
+        success_rate=SuccessRate(**rule),  # type: ignore[arg-type]
+    )
+    detector = OutlierDetector(policy, clock=clock)  # type: ignore[arg-type]
+    endpoints = tuple(Endpoint("10.0.0.1", 8000 + i) for i in range(n))
+    detector.usable(endpoints)
+    return detector, clock, endpoints
+
+
+def send(detector: OutlierDetector, endpoint: Endpoint, successes: int, requests: int) -> None:
+    """`requests` outcomes with the failures spread out evenly (never two failures in a row below 50 %)."""
+    for i in range(requests):
+        detector.record(endpoint, ok=(i + 1) * successes // requests > i * successes // requests)
+
+
+def traffic(detector: OutlierDetector, endpoints: tuple[Endpoint, ...], *rates: tuple[int, int]) -> None:
+    """(successes, requests) for the first endpoints; every other endpoint gets 100 successes."""
+    for i, endpoint in enumerate(endpoints):
+        successes, requests = rates[i] if i < len(rates) else (100, 100)
+        send(detector, endpoint, successes, requests)
+
+
+def test_half_successful_endpoint_among_perfect_ones_is_ejected_at_the_interval_boundary() -> None:
+    detector, clock, eps = make_sr(7)
+    traffic(detector, eps, (50, 100))
+    assert detector.state(eps[0])["success_rate"] == 0.5
+    assert detector.state(eps[1])["success_rate"] == 1.0
+    clock.advance(9.9)
+    assert detector.usable(eps)[0] is eps  # not before the interval ends
+    assert detector.ejections_total == 0
+    clock.advance(0.1)
+    assert keys(detector.usable(eps)) == [8001, 8002, 8003, 8004, 8005, 8006]
+    assert detector.ejections_total == 1
+    assert detector.state(eps[0]) == {
+        "successes": 50,
+        "failures": 50,
+        "consecutive_failures": 0,
+        "ejected_until": 1040.0,
+        "times_ejected": 1,
+        "probation": False,
+        "success_rate": None,  # a new interval, no requests in it yet
+        "ejected_by": "success_rate",
+    }
+    clock.advance(30)
+    assert detector.usable(eps) == (eps, False)
+    assert detector.state(eps[0])["probation"] is True
+
+
+def test_record_and_state_judge_the_interval_too() -> None:
+    detector, clock, eps = make_sr(7)
+    traffic(detector, eps, (50, 100))
+    clock.advance(10)
+    detector.record(eps[3], ok=True)  # the first call after the boundary judges, before counting its own outcome
+    assert detector.state(eps[0])["ejected_by"] == "success_rate"
+    assert detector.state(eps[3])["success_rate"] == 1.0
+    detector, clock, eps = make_sr(7)
+    traffic(detector, eps, (50, 100))
+    clock.advance(10)
+    assert detector.state(eps[0])["ejected_until"] == 1040.0
+    assert 8000 not in keys(detector.usable(eps))
+
+
+def test_fewer_than_min_hosts_with_enough_requests_ejects_nothing() -> None:
+    volumes = ((0, 100), (100, 100), (100, 100), (100, 100), (99, 99), (99, 99), (0, 0))
+    detector, clock, eps = make_sr(7, stdev_factor=1.0)  # min_hosts 5: only 4 endpoints have 100 requests
+    traffic(detector, eps, *volumes)
+    clock.advance(10)
+    assert detector.usable(eps)[0] is eps
+    assert detector.ejections_total == 0
+    detector, clock, eps = make_sr(7, stdev_factor=1.0, min_hosts=4)
+    traffic(detector, eps, *volumes)
+    clock.advance(10)
+    assert keys(detector.usable(eps)) == [8001, 8002, 8003, 8004, 8005, 8006]
+
+
+def test_endpoints_below_the_request_volume_are_neither_judged_nor_counted_in_the_mean() -> None:
+    detector, clock, eps = make_sr(8)
+    # 8000 fails everything but has too few requests; had it counted, the mean would drop and 8001 would survive.
+    traffic(detector, eps, (0, 99), (50, 100))
+    clock.advance(10)
+    assert keys(detector.usable(eps)) == [8000, 8002, 8003, 8004, 8005, 8006, 8007]
+    assert detector.state(eps[0])["times_ejected"] == 0
+    assert detector.state(eps[1])["ejected_by"] == "success_rate"
+
+
+def test_max_ejected_percent_caps_success_rate_ejections_lowest_rates_first() -> None:
+    detector, clock, eps = make_sr(10, max_ejected_percent=20, stdev_factor=1.0)
+    traffic(detector, eps, (60, 100), (40, 100), (50, 100))
+    clock.advance(10)
+    assert keys(detector.usable(eps)) == [8000, 8003, 8004, 8005, 8006, 8007, 8008, 8009]
+    assert detector.ejections_total == 2
+    # An endpoint ejected by the other rule takes capacity and is not judged again.
+    detector, clock, eps = make_sr(10, consecutive_failures=5, max_ejected_percent=20, stdev_factor=1.0)
+    fail(detector, eps[9])
+    traffic(detector, eps, (60, 100), (40, 100), (50, 100))
+    clock.advance(10)
+    assert keys(detector.usable(eps)) == [8000, 8002, 8003, 8004, 8005, 8006, 8007, 8008]
+    assert detector.state(eps[9])["ejected_by"] == "consecutive_failures"
+    assert detector.state(eps[9])["times_ejected"] == 1
+    detector, clock, eps = make_sr(7, max_ejected_percent=0)
+    traffic(detector, eps, (0, 100))
+    clock.advance(10)
+    assert detector.usable(eps)[0] is eps
+
+
+def test_ejection_durations_grow_with_times_ejected_across_both_rules() -> None:
+    detector, clock, eps = make_sr(7, consecutive_failures=5)
+    fail(detector, eps[0])  # consecutive rule: 30 s
+    assert detector.state(eps[0])["ejected_until"] == 1030.0
+    clock.advance(30)
+    detector.usable(eps)  # judges the (empty) interval just ended; a new one starts now
+    detector.record(eps[0], ok=True)  # probation passed
+    traffic(detector, eps, (49, 99))
+    clock.advance(10)
+    assert 8000 not in keys(detector.usable(eps))
+    state = detector.state(eps[0])
+    assert (state["ejected_until"], state["times_ejected"], state["ejected_by"]) == (1100.0, 2, "success_rate")
+    clock.advance(60)
+    assert 8000 in keys(detector.usable(eps))
+    detector.record(eps[0], ok=False)  # a failure on probation re-ejects at once, for longer, keeping the reason
+    state = detector.state(eps[0])
+    assert (state["ejected_until"], state["times_ejected"], state["ejected_by"]) == (1190.0, 3, "success_rate")
+    assert detector.ejections_total == 3
+    clock.advance(90)
+    detector.record(eps[0], ok=True)  # fully back
+    fail(detector, eps[0])
+    state = detector.state(eps[0])
+    assert (state["ejected_until"], state["times_ejected"], state["ejected_by"]) == (1310.0, 4, "consecutive_failures")
+
+
+def test_probation_re_ejects_with_the_consecutive_rule_off() -> None:
+    detector, clock, eps = make_sr(7)
+    traffic(detector, eps, (50, 100))
+    clock.advance(10)
+    detector.usable(eps)
+    clock.advance(30)
+    assert 8000 in keys(detector.usable(eps))
+    detector.record(eps[0], ok=False)
+    assert 8000 not in keys(detector.usable(eps))
+    assert detector.state(eps[0])["ejected_until"] == clock.now + 60
+    fail(detector, eps[1], 50)  # and with the rule off, failures in a row alone eject nothing
+    assert 8001 in keys(detector.usable(eps))
+
+
+def test_interval_counters_reset_and_a_late_judging_starts_a_fresh_interval() -> None:
+    detector, clock, eps = make_sr(7)
+    traffic(detector, eps, (30, 60), *[(60, 60)] * 6)  # below the request volume
+    clock.advance(10)
+    assert detector.usable(eps)[0] is eps
+    assert detector.state(eps[0])["success_rate"] is None
+    traffic(detector, eps, (30, 60), *[(60, 60)] * 6)  # 120 requests over two intervals are still too few
+    assert detector.state(eps[0])["success_rate"] == 0.5
+    clock.advance(10)
+    assert detector.usable(eps)[0] is eps
+    assert detector.ejections_total == 0
+    assert detector.state(eps[0])["successes"] == 60  # the lifetime counters are not reset
+    traffic(detector, eps, (50, 100))
+    clock.advance(35)  # several intervals with no traffic: the last one with traffic is judged once, at 1055
+    assert 8000 not in keys(detector.usable(eps))
+    assert detector.state(eps[0])["ejected_until"] == 1085.0
+    traffic(detector, eps, (100, 100), (50, 100))
+    clock.advance(9.9)  # the next interval started at 1055, not on a 10 s grid
+    assert keys(detector.usable(eps)) == [8001, 8002, 8003, 8004, 8005, 8006]
+    clock.advance(0.1)
+    assert keys(detector.usable(eps)) == [8002, 8003, 8004, 8005, 8006]
+
+
+def test_state_reports_the_success_rate_only_with_the_rule_on() -> None:
+    detector, _, eps = make_sr(2)
+    assert detector.state(eps[0])["success_rate"] is None
+    send(detector, eps[0], 3, 4)
+    assert detector.state(eps[0])["success_rate"] == 0.75
+    assert detector.state(eps[0])["ejected_by"] is None
+    detector, _, eps = make()
+    detector.usable(eps)
+    send(detector, eps[0], 3, 4)
+    assert detector.state(eps[0])["success_rate"] is None
+
+
+def test_without_the_rule_low_success_rates_eject_nothing() -> None:
+    detector, clock, eps = make(7)
+    detector.usable(eps)
+    for _ in range(5):
+        traffic(detector, eps, (50, 100))
+        clock.advance(10)
+        assert detector.usable(eps)[0] is eps
+    assert detector.ejections_total == 0
+    assert detector._next_judging == math.inf  # record() compares with infinity and does nothing else for the rule
+
+
+def test_identical_success_rates_never_eject_anyone() -> None:
+    for n in (5, 6, 7, 10, 13):
+        for successes in (0, 1, 7, 33, 50, 93, 99, 100):
+            for factor in (0.01, 0.5, 1.0, 1.9, 3.0):
+                detector, clock, eps = make_sr(n, stdev_factor=factor, max_ejected_percent=100)
+                # the same rate from different volumes: successes/100, 2*successes/200, ...
+                traffic(detector, eps, *[(successes * (1 + i % 3), 100 * (1 + i % 3)) for i in range(n)])
+                clock.advance(10)
+                assert detector.usable(eps)[0] is eps, (n, successes, factor)
+                assert detector.ejections_total == 0
+
+
 outcome = st.tuples(st.integers(0, 5), st.booleans(), st.sampled_from([0.0, 0.0, 1.0, 29.0, 61.0, 400.0]))
 
 
@@ -262,13 +486,20 @@ outcome = st.tuples(st.integers(0, 5), st.booleans(), st.sampled_from([0.0, 0.0,
     threshold=st.integers(0, 3),
     steps=st.lists(outcome, max_size=80),
     reshuffle=st.integers(0, 100),
+    success_rate=st.booleans(),
 )
 def test_property_usable_is_healthy_nonempty_and_within_the_cap(
-    healthy: list[bool], percent: int, threshold: int, steps: list[tuple[int, bool, float]], reshuffle: int
+    healthy: list[bool],
+    percent: int,
+    threshold: int,
+    steps: list[tuple[int, bool, float]],
+    reshuffle: int,
+    success_rate: bool,
 ) -> None:
     clock = Clock()
+    rule = SuccessRate(interval=1.0, min_hosts=2, request_volume=1, stdev_factor=0.5) if success_rate else None
     detector = OutlierDetector(
-        Policy(consecutive_failures=threshold, max_ejected_percent=percent),  # type: ignore[arg-type]
+        Policy(consecutive_failures=threshold, max_ejected_percent=percent, success_rate=rule),  # type: ignore[arg-type]
         clock=clock,
     )
     everyone = tuple(Endpoint("10.0.0.1", 8000 + i, healthy=h) for i, h in enumerate(healthy))
