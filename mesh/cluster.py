@@ -12,16 +12,19 @@ import trio
 
 from mesh.balancer import make_balancer
 from mesh.breaker import CircuitBreaker
-from mesh.config import BalancerSettings, CircuitBreakers, OutlierSettings, PoolSettings
+from mesh.config import BalancerSettings, CircuitBreakers, OutlierSettings, PoolSettings, RetrySettings
 from mesh.discovery import Endpoint, EndpointSet
 from mesh.errors import CONNECT_TIMEOUT, MeshError, no_endpoints
 from mesh.metrics import Metrics
 from mesh.outlier import OutlierDetector
 from mesh.pool import IdlePool
+from mesh.retry import RetryPolicy
 from mesh.stream import connect_socket
 from mesh.timers import INF
 from mesh.transport import Stream, UpstreamTls, secure
 from mesh.watch import Watch
+
+_HASH_POLICIES = frozenset({"ring_hash", "maglev"})
 
 
 class UpstreamConnection:
@@ -75,6 +78,7 @@ class Cluster:
         tls: UpstreamTls | None = None,
         outlier: OutlierSettings | None = None,
         circuit_breakers: CircuitBreakers | None = None,
+        retries: RetrySettings | None = None,
     ) -> None:
         self.name = name
         self.tls = tls
@@ -83,9 +87,13 @@ class Cluster:
         self.policy = balancer.policy
         self.hash_on = balancer.hash_on
         self.outlier = (
-            OutlierDetector(outlier, clock=trio.current_time) if outlier and outlier.consecutive_failures else None
+            OutlierDetector(outlier, clock=trio.current_time)
+            if outlier and (outlier.consecutive_failures or outlier.success_rate is not None)
+            else None
         )
         self.breaker = CircuitBreaker(circuit_breakers or CircuitBreakers())
+        self.retry = RetryPolicy(retries, clock=trio.current_time) if retries and retries.attempts else None
+        self.hedges: dict[str, int] | None = None  # {"sent": n, "won": n} when hedging is on
         self.connect_timeout = connect_timeout
         self.metrics = metrics
         self.pool: IdlePool[UpstreamConnection] = IdlePool(
@@ -99,14 +107,25 @@ class Cluster:
         count = len(current.endpoints) if current else None
         return f"<Cluster {self.name} endpoints={count} {self.pool!r}>"
 
-    def pick(self, hash_key: bytes | None = None) -> Endpoint:
-        """An endpoint for the next request: discovery's set, minus ejected endpoints, through the balancer."""
+    def pick(self, hash_key: bytes | None = None, avoid: list[Endpoint] | None = None) -> Endpoint:
+        """An endpoint for the next request: discovery's set, minus ejected endpoints, through the balancer.
+
+        A retry passes the endpoints already tried in `avoid`; they are left out while any other remains."""
         current = self.endpoints.value
         if current is None:
             raise no_endpoints(resolved=False)
         endpoints = current.endpoints
         if self.outlier is not None:
             endpoints, _panic = self.outlier.usable(endpoints)
+        if avoid:
+            keys = {e.key for e in avoid}
+            others = [e for e in endpoints if e.key not in keys]
+            if others:
+                if self.policy not in _HASH_POLICIES:
+                    endpoints = others
+                else:  # a hash ring is built per endpoint set: keep the set, and step off a key's tried home
+                    endpoint = self.balancer.pick(endpoints, hash_key)
+                    return endpoint if endpoint is not None and endpoint.key not in keys else others[0]
         endpoint = self.balancer.pick(endpoints, hash_key)
         if endpoint is None:
             raise no_endpoints(resolved=True)

@@ -20,3 +20,4 @@ def no_endpoints(resolved: bool) -> MeshError:
 
 CONNECT_TIMEOUT = MeshError(504, "upstream connect timeout")
 REQUEST_TIMEOUT = MeshError(504, "upstream request timeout")
+DEADLINE_EXPIRED = MeshError(504, "deadline expired before forwarding")

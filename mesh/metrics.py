@@ -1,11 +1,12 @@
 """Prometheus metrics of one sidecar: cheap per-request recording and the text exposition."""
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 # What the library serves a scraper that states no preference: generate_latest with the 0.0.4 text format's
 # content type, which every Prometheus version reads (CONTENT_TYPE_LATEST says 1.0.0 in recent releases).
@@ -151,6 +152,11 @@ class Metrics:
         )
         gauge.set_function(lambda: _or_nan(seconds_left()))
 
+    def watch_clusters(self, clusters: Callable[[], Iterable[Any]]) -> None:
+        """Expose the resilience counters of the clusters `clusters()` returns (mesh.cluster.Cluster), read at
+        scrape time: retries by reason, budget refusals, ejections, panics, circuit overflows and hedges."""
+        self.registry.register(_ClusterCollector(clusters))
+
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every metric: (body, content type)."""
         return _generate_text(self.registry), _TEXT_CONTENT_TYPE
@@ -217,6 +223,63 @@ class _HotPathCollector:
         for labels, count in sorted(m._pool_events.items()):
             pool.add_metric(list(labels), count)
         yield pool
+
+
+class _ClusterCollector:
+    """Turns each cluster's own counters (kept by its sans-io state machines) into Prometheus families."""
+
+    def __init__(self, clusters: Callable[[], Iterable[Any]]) -> None:
+        self.clusters = clusters
+
+    def describe(self) -> list[Metric]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        retries = CounterMetricFamily(
+            "mesh_retries",
+            "Requests sent again, by reason: connect_failure, reset, per_try_timeout, status_<code>.",
+            labels=["upstream", "reason"],
+        )
+        exhausted = CounterMetricFamily(
+            "mesh_retry_budget_exhausted", "Retries not sent because the retry budget was spent.", labels=["upstream"]
+        )
+        ejections = CounterMetricFamily(
+            "mesh_outlier_ejections", "Endpoints ejected by outlier detection.", labels=["upstream"]
+        )
+        panics = CounterMetricFamily(
+            "mesh_outlier_panics",
+            "Times every endpoint was ejected, so requests went to all of them.",
+            labels=["upstream"],
+        )
+        panic = GaugeMetricFamily(
+            "mesh_outlier_panic", "1 while every endpoint is ejected and all of them are used.", labels=["upstream"]
+        )
+        overflows = CounterMetricFamily(
+            "mesh_circuit_overflows",
+            "Requests and connections refused at once by a circuit breaker, by limit.",
+            labels=["upstream", "limit"],
+        )
+        hedges = CounterMetricFamily(
+            "mesh_hedges", "Hedged tries: sent, and won (answered first).", labels=["upstream", "outcome"]
+        )
+        for cluster in self.clusters():
+            name = cluster.name
+            retry = cluster.retry
+            if retry is not None:
+                for reason, count in sorted(retry.retries.items()):
+                    retries.add_metric([name, reason], count)
+                exhausted.add_metric([name], retry.budget.exhausted)
+            outlier = cluster.outlier
+            if outlier is not None:
+                ejections.add_metric([name], outlier.ejections_total)
+                panics.add_metric([name], outlier.panics_total)
+                panic.add_metric([name], 1 if outlier.panic else 0)
+            for limit, count in sorted(cluster.breaker.overflows.items()):
+                overflows.add_metric([name, limit], count)
+            if cluster.hedges is not None:
+                for outcome, count in sorted(cluster.hedges.items()):
+                    hedges.add_metric([name, outcome], count)
+        yield from (retries, exhausted, ejections, panics, panic, overflows, hedges)
 
 
 def _or_nan(value: float | None) -> float:

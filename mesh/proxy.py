@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from random import getrandbits
 
@@ -12,12 +13,21 @@ import trio
 from mesh import http1
 from mesh.cluster import Cluster, UpstreamConnection
 from mesh.config import HashOn, Limits, Timeouts
+from mesh.deadline import (
+    DEADLINE_HEADER,
+    GRPC_TIMEOUT,
+    format_deadline_ms,
+    format_grpc_timeout,
+    parse_deadline_ms,
+    parse_grpc_timeout,
+)
 from mesh.discovery import Endpoint
-from mesh.errors import CONNECT_TIMEOUT, REQUEST_TIMEOUT, MeshError
+from mesh.errors import DEADLINE_EXPIRED, REQUEST_TIMEOUT, MeshError
 from mesh.http1 import END, ProtocolError, RequestHead, RequestReader, ResponseHead, ResponseReader, Trailers
 from mesh.listener import Drain
 from mesh.log import AccessLog
 from mesh.metrics import Metrics
+from mesh.retry import CONNECT_FAILURE, IDEMPOTENT, PER_TRY_TIMEOUT, RESET, STATUS, RetryPolicy, parse_retry_after
 from mesh.tcp import splice
 from mesh.timers import INF, Sweeper
 from mesh.transport import Accepted, Acceptor, PlainAccept
@@ -25,12 +35,11 @@ from mesh.transport import Accepted, Acceptor, PlainAccept
 log = structlog.get_logger("mesh.proxy")
 
 READ_SIZE = 65536
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _EMPTY_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 # What a connection is waiting for, which decides what happens when its deadline passes.
-_IDLE, _HEAD, _CONNECT, _REQUEST, _STALL = range(5)
+_IDLE, _HEAD, _REQUEST, _STALL = range(4)
 
 
 class DownstreamGone(Exception):
@@ -201,8 +210,9 @@ class _Downstream:
             return
         assert self.exchange is not None
         head, ex, start = self.exchange
-        error = {_CONNECT: CONNECT_TIMEOUT, _REQUEST: REQUEST_TIMEOUT}.get(waiting_for)
-        if error is None:
+        if waiting_for == _REQUEST:
+            error = REQUEST_TIMEOUT
+        else:
             error = MeshError(504, "upstream response stalled past the idle timeout")
         ex.mesh_error = error.reason
         if not ex.response_started:
@@ -354,11 +364,14 @@ class _Downstream:
             request_id=ex.request_id.decode("latin-1"),
         )
 
-    def _upstream_headers(self, head: RequestHead, ex: _Exchange) -> list[tuple[bytes, bytes]]:
+    def _upstream_headers(self, head: RequestHead, ex: _Exchange) -> tuple[list[tuple[bytes, bytes]], int]:
+        """The request's headers for the upstream, and the index of its `grpc-timeout` (-1 if none)."""
         headers = head.headers
         xff = proto = rid = False
+        grpc_timeout = -1
         for i, (name, value) in enumerate(headers):
-            if name[0] == 120:  # b"x": only then can it be one of ours
+            first = name[0]
+            if first == 120:  # b"x": only then can it be one of ours
                 if name == b"x-forwarded-for":
                     headers[i] = (name, value + b", " + self.peer_ip)
                     xff = True
@@ -367,6 +380,8 @@ class _Downstream:
                 elif name == b"x-request-id":
                     rid = True
                     ex.request_id = value
+            elif first == 103 and name == GRPC_TIMEOUT:  # b"g"
+                grpc_timeout = i
         if not xff and self.peer_ip:
             headers.append((b"x-forwarded-for", self.peer_ip))
         if not proto:
@@ -374,8 +389,6 @@ class _Downstream:
         if not rid:
             ex.request_id = _new_request_id()
             headers.append((b"x-request-id", ex.request_id))
-        if not head.authority:  # HTTP/1.0 without Host: the upstream hop is HTTP/1.1, which requires one
-            headers.append((b"host", ex.endpoint.encode()))
         if self.accepted.peer_identity is not None:  # the caller's verified identity, for the application
             headers.append((b"x-mesh-peer-identity", self.accepted.peer_identity.encode()))
         if head.chunked:
@@ -389,36 +402,36 @@ class _Downstream:
         if head.upgrade is not None:
             headers.append((b"connection", b"upgrade"))
             headers.append((b"upgrade", head.upgrade))
-        return headers
+        return headers, grpc_timeout
+
+    def _deadline(self, head: RequestHead, start: float, grpc_timeout: int) -> float:
+        """When the request's budget ends: the request timeout, shortened by a `grpc-timeout` and (inbound) by
+        the caller's mesh deadline. MeshError 504 if the budget is already spent: the request is not forwarded."""
+        timeout = self.timeouts.request or INF
+        if head.mesh_headers and self.proxy.settings.direction == "inbound":
+            for name, value in head.mesh_headers:
+                if name == DEADLINE_HEADER and (left := parse_deadline_ms(value)) is not None:
+                    timeout = min(timeout, left)
+        if grpc_timeout >= 0 and (left := parse_grpc_timeout(head.headers[grpc_timeout][1])) is not None:
+            timeout = min(timeout, left)
+        if timeout <= 0:
+            raise DEADLINE_EXPIRED
+        return start + timeout
 
     async def _forward(self, head: RequestHead, ex: _Exchange, start: float) -> bool:
         proxy = self.proxy
         if not self.accepted.allowed:
             raise MeshError(403, f"caller {self.accepted.peer_identity} denied: {self.accepted.rule}")
+        headers, grpc_timeout = self._upstream_headers(head, ex)
+        deadline = self._deadline(head, start, grpc_timeout)
         cluster = proxy.cluster
         limit = cluster.breaker.admit_request()
         if limit is not None:
             raise MeshError(503, f"circuit open ({limit})")
         try:
-            endpoint = cluster.pick(self._hash_key(head, cluster.hash_on) if cluster.hash_on else None)
-        except MeshError:
-            cluster.breaker.request_done()
-            raise
-        cluster.started(endpoint)
-        sent_at = trio.current_time()
-        client_gone = False
-        try:
-            return await self._forward_to(head, ex, start, endpoint)
-        except DownstreamGone:
-            client_gone = True  # says nothing about the endpoint
-            raise
+            return await self._tries(head, ex, headers, grpc_timeout, deadline)
         finally:
             cluster.breaker.request_done()
-            # An outcome for the balancer's latency view and for outlier detection: a 5xx, or no response
-            # at all (refused, reset, timed out), counts against the endpoint.
-            ok = 0 < ex.status < 500 and ex.head_at > 0.0
-            latency = (ex.head_at or trio.current_time()) - sent_at
-            cluster.finished(endpoint, latency, ok, judged=not client_gone)
 
     def _hash_key(self, head: RequestHead, hash_on: HashOn) -> bytes | None:
         """The request's value for a consistent-hash balancer: a header, or a cookie from `cookie` headers."""
@@ -434,50 +447,212 @@ class _Downstream:
                         return part[len(prefix) :]
         return None
 
-    async def _forward_to(self, head: RequestHead, ex: _Exchange, start: float, endpoint: Endpoint) -> bool:
+    def _request_bytes(
+        self, head: RequestHead, headers: list[tuple[bytes, bytes]], grpc_timeout: int, deadline: float, ex: _Exchange
+    ) -> bytes:
+        """One try's request head: the deadline headers carry what is left of the budget at this moment."""
+        extra: list[tuple[bytes, bytes]] = []
+        if not head.authority:  # HTTP/1.0 without Host: the upstream hop is HTTP/1.1, which requires one
+            extra.append((b"host", ex.endpoint.encode()))
+        if deadline != INF:
+            left = deadline - trio.current_time()
+            if left <= 0:
+                raise REQUEST_TIMEOUT
+            if self.proxy.settings.direction == "outbound":
+                extra.append((DEADLINE_HEADER, format_deadline_ms(left)))
+            if grpc_timeout >= 0:
+                headers[grpc_timeout] = (GRPC_TIMEOUT, format_grpc_timeout(left))
+        return http1.request_head_bytes(head.method, head.target, headers + extra if extra else headers)
+
+    async def _tries(
+        self, head: RequestHead, ex: _Exchange, headers: list[tuple[bytes, bytes]], grpc_timeout: int, deadline: float
+    ) -> bool:
+        """Send the request to an endpoint, and again to others while the retry policy allows (DESIGN rule 2)."""
         cluster = self.proxy.cluster
-        ex.endpoint = str(endpoint)
-        request_timeout = self.timeouts.request
-        deadline = start + request_timeout if request_timeout > 0 else INF
+        retry = cluster.retry
         self.deadline = deadline
         self.waiting_for = _REQUEST
-        head_bytes = http1.request_head_bytes(head.method, head.target, self._upstream_headers(head, ex))
         body, body_complete = self._available_body(head, ex)
-        if body:
-            head_bytes += b"".join(body)
+        if retry is not None and not body_complete and _worth_buffering(head, retry.max_body_bytes):
+            body_complete = await self._buffer_body(head, ex, body)
+        body_bytes = b"".join(body) if body else b""
+        # A body can be sent again only if all of it is here; an upgrade is never repeated.
+        resendable = body_complete and head.upgrade is None
+        if retry is not None:
+            resendable = resendable and len(body_bytes) <= retry.max_body_bytes and retry.may_resend(head.method)
+            retry.budget.deposit()
+        hash_key = self._hash_key(head, cluster.hash_on) if cluster.hash_on else None
+        tried: list[Endpoint] = []
+        while True:
+            endpoint = cluster.pick(hash_key, tried)
+            ex.endpoint = str(endpoint)
+            ex.status = 0
+            ex.head_at = 0.0
+            data = self._request_bytes(head, headers, grpc_timeout, deadline, ex) + body_bytes
+            cluster.started(endpoint)
+            sent_at = trio.current_time()
+            judged = True
+            try:
+                if not body_complete:
+                    return await self._streaming_try(head, data, endpoint, ex)
+                conn, response, reader = await self._until_head(head, data, endpoint, ex, deadline, retry)
+                if retry is not None and response.status in retry.statuses and resendable:
+                    pause = self._retry_pause(retry, STATUS, head, len(tried), deadline, response)
+                    if pause is not None:
+                        conn.close()
+                        self.upstream = None
+                        retry.count(f"status_{response.status}")
+                        failed = _TryFailed(MeshError(response.status, ""), STATUS)
+                        raise failed
+                return await self._respond(head, response, reader, conn, ex, None)
+            except _TryFailed as exc:
+                failed = exc
+                if exc.reason != STATUS:
+                    pause = None
+                    if exc.never_ran or resendable:
+                        pause = self._retry_pause(retry, exc.reason, head, len(tried), deadline, None, exc.never_ran)
+                    if pause is None:
+                        raise exc.error from None
+                    assert retry is not None
+                    retry.count(exc.reason)
+            except MeshError as exc:
+                judged = exc.status != 503  # a local limit (circuit open) says nothing about the endpoint
+                raise
+            except DownstreamGone:
+                judged = False  # the client left: says nothing about the endpoint
+                raise
+            finally:
+                # An outcome for the balancer's latency view and for outlier detection: a 5xx, or no response
+                # at all (refused, reset, timed out), counts against the endpoint.
+                ok = 0 < ex.status < 500 and ex.head_at > 0.0
+                latency = (ex.head_at or trio.current_time()) - sent_at
+                cluster.finished(endpoint, latency, ok, judged=judged)
+            log.debug(
+                "retrying",
+                upstream=cluster.name,
+                endpoint=ex.endpoint,
+                reason=failed.error.reason or f"status {failed.error.status}",
+                pause_s=round(pause, 3),
+            )
+            tried.append(endpoint)
+            if pause > 0:
+                await trio.sleep(pause)
+
+    def _retry_pause(
+        self,
+        retry: RetryPolicy | None,
+        reason: str,
+        head: RequestHead,
+        retries_done: int,
+        deadline: float,
+        response: ResponseHead | None,
+        never_ran: bool = False,
+    ) -> float | None:
+        """The pause before one more try, or None if there is to be none: no policy, no tries left, a failure
+        not to retry, a Retry-After above the cap, not enough time left, or the budget spent."""
+        if retry is None or retries_done >= retry.attempts:
+            return None
+        if not retry.wanted(reason, never_ran=never_ran, method=head.method):
+            return None
+        retry_after = None
+        if response is not None:
+            for name, value in response.headers:
+                if name == b"retry-after":
+                    retry_after = parse_retry_after(value, time.time())
+                    break
+        pause = retry.backoff(retries_done, retry_after)
+        if pause is None or trio.current_time() + pause >= deadline:
+            return None
+        if not retry.budget.withdraw():
+            return None
+        return pause
+
+    async def _buffer_body(self, head: RequestHead, ex: _Exchange, body: list[bytes]) -> bool:
+        """Read the rest of a small request body before the first try, so that a retry can send it again."""
+        chunked = head.chunked
+        while True:
+            event = await self._body_event()
+            if event is END:
+                if chunked:
+                    body.append(http1.last_chunk_bytes())
+                ex.request_done = True
+                return True
+            if type(event) is Trailers:
+                body.append(http1.last_chunk_bytes(event.headers))
+                self.reader.next_event()  # END follows trailers
+                ex.request_done = True
+                return True
+            assert isinstance(event, bytes)
+            ex.rx += len(event)
+            body.append(http1.chunk_bytes(event) if chunked else event)
+
+    async def _connect(self, endpoint: Endpoint) -> UpstreamConnection:
+        try:
+            return await self.proxy.cluster.connect(endpoint, timeout=self.timeouts.connect)
+        except MeshError as exc:
+            if exc.status == 503:  # circuit open: a local limit, not a failure of the endpoint
+                raise
+            raise _TryFailed(exc, CONNECT_FAILURE, never_ran=True) from None
+
+    async def _until_head(
+        self,
+        head: RequestHead,
+        data: bytes,
+        endpoint: Endpoint,
+        ex: _Exchange,
+        deadline: float,
+        retry: RetryPolicy | None,
+    ) -> tuple[UpstreamConnection, ResponseHead, ResponseReader]:
+        """Send a request whose body is all in `data`, and wait for the final response head (one try)."""
+        per_try = retry.per_try_timeout if retry is not None else 0.0
+        if not per_try:
+            return await self._send_for_head(head, data, endpoint, ex)
+        with trio.CancelScope(deadline=min(deadline, trio.current_time() + per_try)) as scope:
+            result = await self._send_for_head(head, data, endpoint, ex)
+        if not scope.cancelled_caught:
+            return result
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        if trio.current_time() >= deadline:
+            raise REQUEST_TIMEOUT
+        raise _TryFailed(MeshError(504, "upstream per-try timeout"), PER_TRY_TIMEOUT)
+
+    async def _send_for_head(
+        self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: _Exchange
+    ) -> tuple[UpstreamConnection, ResponseHead, ResponseReader]:
         # A pooled connection may have been closed by the upstream in the instant before our write. Such a
-        # request never ran, so it is sent once more on a new connection when it can be replayed whole.
-        replayable = body_complete and head.method in IDEMPOTENT
-        conn = cluster.take_idle(endpoint)
+        # request is sent once more on a new connection when it is idempotent (Go's and httpcore's rule).
+        replayable = head.method in IDEMPOTENT
+        conn = self.proxy.cluster.take_idle(endpoint)
         while True:
             reused = conn is not None
             if conn is None:
-                connect_deadline = trio.current_time() + self.timeouts.connect
-                if connect_deadline < deadline:
-                    self.deadline = connect_deadline
-                    self.waiting_for = _CONNECT
-                conn = await cluster.connect(endpoint, timeout=None)  # the sweeper bounds it
-                self.deadline = deadline
-                self.waiting_for = _REQUEST
+                conn = await self._connect(endpoint)
             conn.requests += 1
             self.upstream = conn
             try:
-                if body_complete:
-                    return await self._send_and_relay(head, head_bytes, conn, ex)
-                return await self._send_streaming(head, head_bytes, conn, ex)
+                try:
+                    await conn.stream.send_all(data)
+                except _STREAM_ERRORS:
+                    raise _UpstreamLost("upstream connection lost while sending the request", 0) from None
+                response, reader = await self._response_head(head, conn, ex)
+                return conn, response, reader
             except _UpstreamLost as lost:
                 conn.close()
                 self.upstream = conn = None
                 if not (reused and replayable and not lost.response_bytes):
-                    raise MeshError(502, lost.reason) from None
-                log.debug("retrying on a new connection", upstream=cluster.name, endpoint=ex.endpoint)
+                    raise _TryFailed(MeshError(502, lost.reason), RESET) from None
+                log.debug("retrying on a new connection", upstream=self.proxy.cluster.name, endpoint=ex.endpoint)
 
-    async def _send_and_relay(self, head: RequestHead, data: bytes, conn: UpstreamConnection, ex: _Exchange) -> bool:
-        try:
-            await conn.stream.send_all(data)
-        except _STREAM_ERRORS:
-            raise _UpstreamLost("upstream connection lost while sending the request", 0) from None
-        return await self._relay_response(head, conn, ex, pump=None)
+    async def _streaming_try(self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: _Exchange) -> bool:
+        """Send a request whose body is still arriving, streaming the rest as the response comes back."""
+        conn = self.proxy.cluster.take_idle(endpoint)
+        if conn is None:
+            conn = await self._connect(endpoint)
+        conn.requests += 1
+        self.upstream = conn
+        return await self._send_streaming(head, data, conn, ex)
 
     async def _send_streaming(self, head: RequestHead, data: bytes, conn: UpstreamConnection, ex: _Exchange) -> bool:
         pump = _BodyPump(self, head, conn, ex)
@@ -486,24 +661,33 @@ class _Downstream:
         except _STREAM_ERRORS:
             conn.close()
             raise MeshError(502, "upstream connection lost while sending the request") from None
+        # Failures are raised after the nursery has closed: raised inside it they would reach the caller
+        # wrapped in an ExceptionGroup, which no handler of the exchange expects.
+        failure: Exception | None = None
+        keep_alive = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump.run)
             try:
-                keep_alive = await self._relay_response(head, conn, ex, pump=pump)
+                response, reader = await self._response_head(head, conn, ex)
+                keep_alive = await self._respond(head, response, reader, conn, ex, pump)
             except _UpstreamLost as lost:
                 conn.close()
-                if pump.error is not None:
-                    raise pump.error from None  # the request broke off first; that is the outcome
-                raise MeshError(502, lost.reason) from None
+                # If the request broke off first, that is the outcome.
+                failure = pump.error if pump.error is not None else MeshError(502, lost.reason)
+            except Exception as exc:
+                failure = exc
             finally:
                 nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         if pump.error is not None and not ex.response_started:
             raise pump.error
         return keep_alive and ex.request_done
 
-    async def _relay_response(
-        self, head: RequestHead, conn: UpstreamConnection, ex: _Exchange, pump: _BodyPump | None
-    ) -> bool:
+    async def _response_head(
+        self, head: RequestHead, conn: UpstreamConnection, ex: _Exchange
+    ) -> tuple[ResponseHead, ResponseReader]:
+        """Read up to the final response head, passing 1xx heads downstream; _UpstreamLost if nothing came."""
         reader = conn.reader
         if reader is None or head.method == b"HEAD":
             # One parser serves a connection's responses; a response to HEAD gets its own (see ResponseReader).
@@ -549,9 +733,19 @@ class _Downstream:
                     await downstream.send_all(http1.response_head_bytes(event.status, event.reason, event.headers))
                 continue
             break
-        response: ResponseHead = event
-        ex.status = response.status
+        ex.status = event.status
         ex.head_at = trio.current_time()
+        return event, reader
+
+    async def _respond(
+        self,
+        head: RequestHead,
+        response: ResponseHead,
+        reader: ResponseReader,
+        conn: UpstreamConnection,
+        ex: _Exchange,
+        pump: _BodyPump | None,
+    ) -> bool:
         if response.upgrade:
             return await self._upgraded(head, response, reader, conn, ex)
         return await self._stream_response(head, response, reader, conn, ex, pump)
@@ -683,6 +877,24 @@ class _Downstream:
         except _STREAM_ERRORS:
             return False
         return True
+
+
+class _TryFailed(Exception):
+    """One try got no usable response: `error` is the answer if there is no other try; `reason` is a retry reason
+    of mesh.retry; `never_ran` says the request provably never reached the upstream."""
+
+    def __init__(self, error: MeshError, reason: str, *, never_ran: bool = False) -> None:
+        super().__init__(error.reason)
+        self.error = error
+        self.reason = reason
+        self.never_ran = never_ran
+
+
+def _worth_buffering(head: RequestHead, limit: int) -> bool:
+    """A body of known small size is read whole before the first try, so that it can be sent again; a client
+    waiting for 100 Continue, a chunked body of unknown length or a larger body is streamed instead."""
+    length = head.content_length
+    return length is not None and length <= limit and not head.expect_continue and head.upgrade is None
 
 
 class _UpstreamLost(Exception):

@@ -48,6 +48,7 @@ class Sidecar:
         if self.identity is not None:
             self.metrics.watch_certificate_expiry(self.identity.seconds_until_expiry)
         self.clusters: list[Cluster] = []
+        self.metrics.watch_clusters(lambda: self.clusters)
         self.listeners: list[tuple[str, Address, Any, int]] = []  # (name, bind, handler, max_connections)
         self.bound: dict[str, Address] = {}
         self.serving = False
@@ -99,6 +100,7 @@ class Sidecar:
                 tls=self._upstream_tls(upstream),
                 outlier=upstream.outlier,
                 circuit_breakers=upstream.circuit_breakers,
+                retries=upstream.retries,
             )
             name = f"upstreams[{index}]:{upstream.service}"
             self._add_listener(name, "outbound", upstream.bind, upstream.protocol, cluster, upstream)

@@ -28,10 +28,21 @@ def clusters(admin: str) -> dict:
 
 def test_an_endpoint_that_keeps_failing_is_ejected_after_five_failures(mesh, backend) -> None:
     dead = f"127.0.0.1:{free_port()}"  # nothing listens: every connect is refused
-    port, _, admin = outbound(mesh, [f"127.0.0.1:{backend['http']}", dead], balancer={"policy": "round_robin"})
+    port, _, admin = outbound(
+        mesh, [f"127.0.0.1:{backend['http']}", dead], balancer={"policy": "round_robin"}, retries={"attempts": 0}
+    )
     statuses = [request(port, "GET", "/status?code=200").status for _ in range(40)]
     assert statuses.count(502) == 5  # the five consecutive failures that eject it, then never again
     assert statuses.count(200) == 35
+    (ejected,) = [e for e in clusters(admin)["api"]["endpoints"] if e["address"] == dead]
+    assert ejected["ejected_until"] is not None and ejected["times_ejected"] == 1
+
+
+def test_with_default_retries_a_refusing_endpoint_costs_the_caller_nothing(mesh, backend) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    port, _, admin = outbound(mesh, [f"127.0.0.1:{backend['http']}", dead], balancer={"policy": "round_robin"})
+    statuses = [request(port, "POST", "/status?code=200", body=b"x").status for _ in range(40)]
+    assert statuses == [200] * 40  # a refused connect never ran: retried on the other endpoint, even a POST
     (ejected,) = [e for e in clusters(admin)["api"]["endpoints"] if e["address"] == dead]
     assert ejected["ejected_until"] is not None and ejected["times_ejected"] == 1
 
