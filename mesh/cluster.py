@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import ipaddress
 import select
 import socket
 from typing import Any
@@ -12,14 +11,23 @@ import trio
 
 from mesh.balancer import make_balancer
 from mesh.breaker import CircuitBreaker
-from mesh.config import BalancerSettings, CircuitBreakers, OutlierSettings, PoolSettings, RetrySettings
+from mesh.config import (
+    BalancerSettings,
+    CircuitBreakers,
+    HealthCheckSettings,
+    HedgeSettings,
+    OutlierSettings,
+    PoolSettings,
+    RetrySettings,
+)
 from mesh.discovery import Endpoint, EndpointSet
 from mesh.errors import CONNECT_TIMEOUT, MeshError, no_endpoints
+from mesh.health import HealthTracker, run_health_checks
 from mesh.metrics import Metrics
 from mesh.outlier import OutlierDetector
 from mesh.pool import IdlePool
-from mesh.retry import RetryPolicy
-from mesh.stream import connect_socket
+from mesh.retry import LatencyWindow, RetryBudget, RetryPolicy
+from mesh.stream import open_socket
 from mesh.timers import INF
 from mesh.transport import Stream, UpstreamTls, secure
 from mesh.watch import Watch
@@ -79,6 +87,8 @@ class Cluster:
         outlier: OutlierSettings | None = None,
         circuit_breakers: CircuitBreakers | None = None,
         retries: RetrySettings | None = None,
+        hedging: HedgeSettings | None = None,
+        health_check: HealthCheckSettings | None = None,
     ) -> None:
         self.name = name
         self.tls = tls
@@ -93,7 +103,17 @@ class Cluster:
         )
         self.breaker = CircuitBreaker(circuit_breakers or CircuitBreakers())
         self.retry = RetryPolicy(retries, clock=trio.current_time) if retries and retries.attempts else None
+        self.hedging = hedging
+        self.health_check = health_check
+        self.health = HealthTracker(health_check) if health_check is not None else None
         self.hedges: dict[str, int] | None = None  # {"sent": n, "won": n} when hedging is on
+        self.latency: LatencyWindow | None = None  # recent response-head latencies, for a p95 hedge delay
+        self.budget = self.retry.budget if self.retry is not None else None
+        if hedging is not None:
+            self.hedges = {"sent": 0, "won": 0}
+            self.latency = LatencyWindow() if hedging.delay == "p95" else None
+            if self.budget is None:  # hedges are paid from the retry budget, even with retries off
+                self.budget = RetryBudget((retries or RetrySettings()).budget, clock=trio.current_time)
         self.connect_timeout = connect_timeout
         self.metrics = metrics
         self.pool: IdlePool[UpstreamConnection] = IdlePool(
@@ -115,6 +135,8 @@ class Cluster:
         if current is None:
             raise no_endpoints(resolved=False)
         endpoints = current.endpoints
+        if self.health is not None:  # before ejection, so that a panic only brings back endpoints that answer probes
+            endpoints = self.health.usable(endpoints)
         if self.outlier is not None:
             endpoints, _panic = self.outlier.usable(endpoints)
         if avoid:
@@ -130,6 +152,17 @@ class Cluster:
         if endpoint is None:
             raise no_endpoints(resolved=True)
         return endpoint
+
+    def hedge_delay(self) -> float | None:
+        """How long a hedgeable request waits before its hedge: the fixed delay, or the recent p95 latency
+        (not below `min_delay`); None while too few latencies are known."""
+        hedging = self.hedging
+        if hedging is None:
+            return None
+        if hedging.delay != "p95":
+            return float(hedging.delay)
+        p95 = self.latency.value if self.latency is not None else None
+        return None if p95 is None else max(hedging.min_delay, p95)
 
     def started(self, endpoint: Endpoint) -> None:
         self.balancer.started(endpoint)
@@ -159,7 +192,7 @@ class Cluster:
         try:
             with trio.move_on_after(INF if timeout is None else timeout) as scope:
                 try:
-                    sock = await _open_socket(endpoint.host, endpoint.port)
+                    sock = await open_socket(endpoint.host, endpoint.port)
                 except OSError as exc:
                     raise _connect_error(exc) from None
                 try:
@@ -184,7 +217,36 @@ class Cluster:
             c.close()
 
     async def maintain(self) -> None:
-        """Expire idle connections and drop those to endpoints that left discovery; runs until cancelled."""
+        """Expire idle connections, drop those to endpoints that left discovery and (if configured) run the
+        active health checks; runs until cancelled."""
+        if self.health is None or self.health_check is None:
+            await self._maintain_pool()
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._maintain_pool)
+            await run_health_checks(
+                self.health, self.endpoints, settings=self.health_check, tls=self.tls, host_header=self.name
+            )
+
+    def endpoint_state(self, endpoint: Endpoint) -> dict[str, Any]:
+        """What the cluster knows about one endpoint, for /clusters; `health` names what keeps it out, if any."""
+        state: dict[str, Any] = dict(self.balancer.state(endpoint))
+        if self.outlier is not None:
+            state.update(self.outlier.state(endpoint))
+        if self.health is not None:
+            state.update(self.health.state(endpoint))
+        if not endpoint.healthy:
+            health = "unhealthy (discovery)"
+        elif state.get("health_check") == "unhealthy":
+            health = "unhealthy (health check)"
+        elif state.get("ejected_until") is not None:
+            health = "ejected (outlier detection)"
+        else:
+            health = "healthy"
+        state["health"] = health
+        return state
+
+    async def _maintain_pool(self) -> None:
         version = self.endpoints.version
         interval = max(0.5, min(self.pool.idle_timeout / 2, 30.0))
         try:
@@ -200,16 +262,6 @@ class Cluster:
         finally:
             for c in self.pool.clear():
                 c.close()
-
-
-async def _open_socket(host: str, port: int) -> socket.socket:
-    """Connect to an IP literal directly (one socket, the error as the kernel gave it); resolve names otherwise."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        trio_sock = (await trio.open_tcp_stream(host, port)).socket
-        return socket.socket(trio_sock.family, trio_sock.type, trio_sock.proto, fileno=trio_sock.detach())
-    return await connect_socket(host, port, family)
 
 
 def _connect_error(exc: OSError) -> MeshError:

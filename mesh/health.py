@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import random
 import socket
@@ -16,7 +15,7 @@ from mesh import log as mesh_log
 from mesh.discovery import Endpoint, EndpointSet
 from mesh.errors import MeshError
 from mesh.http1 import ProtocolError, ResponseHead, ResponseReader, request_head_bytes
-from mesh.stream import connect_socket
+from mesh.stream import open_socket
 from mesh.transport import UpstreamTls, secure
 from mesh.watch import Watch
 
@@ -174,7 +173,7 @@ async def probe(
 
 async def _probe(endpoint: Endpoint, path: str | None, tls: UpstreamTls | None, host_header: str) -> str | None:
     try:
-        sock = await _open_socket(endpoint.host, endpoint.port)
+        sock = await open_socket(endpoint.host, endpoint.port)
     except OSError as exc:
         return _connect_reason(exc)
     try:
@@ -204,16 +203,6 @@ async def _probe(endpoint: Endpoint, path: str | None, tls: UpstreamTls | None, 
         return "connection lost"
     finally:
         stream.close()
-
-
-async def _open_socket(host: str, port: int) -> socket.socket:
-    """Connect as the cluster does: an IP literal directly, a name through trio's resolver."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        trio_sock = (await trio.open_tcp_stream(host, port)).socket
-        return socket.socket(trio_sock.family, trio_sock.type, trio_sock.proto, fileno=trio_sock.detach())
-    return await connect_socket(host, port, family)
 
 
 def _connect_reason(exc: OSError) -> str:

@@ -262,8 +262,21 @@ class _ClusterCollector:
         hedges = CounterMetricFamily(
             "mesh_hedges", "Hedged tries: sent, and won (answered first).", labels=["upstream", "outcome"]
         )
+        endpoints = GaugeMetricFamily(
+            "mesh_endpoints",
+            "Endpoints discovery lists, by what the mesh makes of them: healthy, ejected (outlier detection), "
+            "unhealthy (health check), unhealthy (discovery).",
+            labels=["upstream", "health"],
+        )
         for cluster in self.clusters():
             name = cluster.name
+            current = cluster.endpoints.value
+            by_health: dict[str, int] = {}
+            for endpoint in current.endpoints if current is not None else ():
+                health = cluster.endpoint_state(endpoint)["health"]
+                by_health[health] = by_health.get(health, 0) + 1
+            for health, count in sorted(by_health.items()):
+                endpoints.add_metric([name, health], count)
             retry = cluster.retry
             if retry is not None:
                 for reason, count in sorted(retry.retries.items()):
@@ -279,7 +292,7 @@ class _ClusterCollector:
             if cluster.hedges is not None:
                 for outcome, count in sorted(cluster.hedges.items()):
                     hedges.add_metric([name, outcome], count)
-        yield from (retries, exhausted, ejections, panics, panic, overflows, hedges)
+        yield from (retries, exhausted, ejections, panics, panic, overflows, hedges, endpoints)
 
 
 def _or_nan(value: float | None) -> float:

@@ -480,8 +480,12 @@ class _Downstream:
         resendable = body_complete and head.upgrade is None
         if retry is not None:
             resendable = resendable and len(body_bytes) <= retry.max_body_bytes and retry.may_resend(head.method)
-            retry.budget.deposit()
+        if cluster.budget is not None:
+            cluster.budget.deposit()
         hash_key = self._hash_key(head, cluster.hash_on) if cluster.hash_on else None
+        hedge_after = None
+        if cluster.hedging is not None and resendable and head.method in IDEMPOTENT and not head.expect_continue:
+            hedge_after = cluster.hedge_delay()
         tried: list[Endpoint] = []
         while True:
             endpoint = cluster.pick(hash_key, tried)
@@ -495,7 +499,12 @@ class _Downstream:
             try:
                 if not body_complete:
                     return await self._streaming_try(head, data, endpoint, ex)
-                conn, response, reader = await self._until_head(head, data, endpoint, ex, deadline, retry)
+                if hedge_after is not None and not tried:
+                    conn, response, reader, endpoint, sent_at = await self._race(
+                        head, data, endpoint, hedge_after, ex, hash_key, headers, grpc_timeout, deadline, body_bytes
+                    )
+                else:
+                    conn, response, reader = await self._until_head(head, data, endpoint, ex, deadline, retry)
                 if retry is not None and response.status in retry.statuses and resendable:
                     pause = self._retry_pause(retry, STATUS, head, len(tried), deadline, response)
                     if pause is not None:
@@ -527,6 +536,8 @@ class _Downstream:
                 ok = 0 < ex.status < 500 and ex.head_at > 0.0
                 latency = (ex.head_at or trio.current_time()) - sent_at
                 cluster.finished(endpoint, latency, ok, judged=judged)
+                if ok and cluster.latency is not None:
+                    cluster.latency.add(latency)
             log.debug(
                 "retrying",
                 upstream=cluster.name,
@@ -537,6 +548,85 @@ class _Downstream:
             tried.append(endpoint)
             if pause > 0:
                 await trio.sleep(pause)
+
+    async def _race(
+        self,
+        head: RequestHead,
+        data: bytes,
+        first: Endpoint,
+        hedge_after: float,
+        ex: _Exchange,
+        hash_key: bytes | None,
+        headers: list[tuple[bytes, bytes]],
+        grpc_timeout: int,
+        deadline: float,
+        body: bytes,
+    ) -> tuple[UpstreamConnection, ResponseHead, ResponseReader, Endpoint, float]:
+        """A hedged try: to `first` now and, if it has not answered after `hedge_after` seconds, the same request
+        to another endpoint (paid from the retry budget). The first response head wins; the other try is
+        cancelled and its connection closed; a failed try lets the other one finish. Returns the winner's
+        connection, head, endpoint and send time; if every try failed, raises the first one's failure. The
+        caller accounts the endpoint returned (or `first` on failure) to the cluster; this accounts the rest."""
+        cluster = self.proxy.cluster
+        hedges, budget = cluster.hedges, cluster.budget
+        assert hedges is not None and budget is not None
+        tries = [_Hedge(first, ex, trio.current_time())]
+        winner: _Hedge | None = None
+
+        async def attempt(one: _Hedge, data: bytes, nursery: trio.Nursery) -> None:
+            nonlocal winner
+            try:
+                one.conn = cluster.take_idle(one.endpoint) or await self._connect(one.endpoint)
+                one.conn.requests += 1
+                try:
+                    await one.conn.stream.send_all(data)
+                except _STREAM_ERRORS:
+                    raise _UpstreamLost("upstream connection lost while sending the request", 0) from None
+                one.response, one.reader = await self._response_head(head, one.conn, one.ex, informational=False)
+                winner = one
+                nursery.cancel_scope.cancel()
+            except _UpstreamLost as lost:
+                one.fail(_TryFailed(MeshError(502, lost.reason), RESET))
+            except _TryFailed as exc:
+                one.fail(exc)
+            except MeshError as exc:  # an invalid response, a circuit open: not a reason to retry
+                one.fail(_TryFailed(exc, "invalid"))
+            finally:
+                if winner is not one and one.conn is not None:
+                    one.conn.close()  # failed, or cancelled while its request may be in flight
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt, tries[0], data, nursery)
+            with trio.move_on_after(hedge_after):
+                await tries[0].failed.wait()  # a winner cancels the wait with the rest of the nursery
+            second = None
+            if tries[0].failure is None and winner is None:
+                try:
+                    second = cluster.pick(hash_key, [first])
+                except MeshError:  # discovery lost every endpoint meanwhile: no hedge
+                    pass
+            if second is not None and second.key != first.key and budget.withdraw():
+                hedge = _Hedge(second, _Exchange(), trio.current_time())
+                hedge.ex.endpoint = str(second)
+                hedge_data = self._request_bytes(head, headers, grpc_timeout, deadline, hedge.ex) + body
+                tries.append(hedge)
+                hedges["sent"] += 1
+                cluster.started(second)
+                nursery.start_soon(attempt, hedge, hedge_data, nursery)
+        now = trio.current_time()
+        for one in tries[1:] if winner is None or winner is tries[0] else tries[:1]:
+            # Every try but the one returned (or raised): a failure is the endpoint's; a cancelled try says nothing.
+            cluster.finished(one.endpoint, now - one.sent_at, False, judged=one.failure is not None)
+        if winner is None:
+            failure = tries[0].failure
+            assert failure is not None
+            raise failure
+        assert winner.conn is not None and winner.response is not None and winner.reader is not None
+        self.upstream = winner.conn
+        if winner is not tries[0]:
+            hedges["won"] += 1
+            ex.endpoint, ex.status, ex.head_at = winner.ex.endpoint, winner.ex.status, winner.ex.head_at
+        return winner.conn, winner.response, winner.reader, winner.endpoint, winner.sent_at
 
     def _retry_pause(
         self,
@@ -685,9 +775,10 @@ class _Downstream:
         return keep_alive and ex.request_done
 
     async def _response_head(
-        self, head: RequestHead, conn: UpstreamConnection, ex: _Exchange
+        self, head: RequestHead, conn: UpstreamConnection, ex: _Exchange, *, informational: bool = True
     ) -> tuple[ResponseHead, ResponseReader]:
-        """Read up to the final response head, passing 1xx heads downstream; _UpstreamLost if nothing came."""
+        """Read up to the final response head, passing 1xx heads downstream (if `informational`: a hedged try
+        must not write downstream while another try may); _UpstreamLost if nothing came."""
         reader = conn.reader
         if reader is None or head.method == b"HEAD":
             # One parser serves a connection's responses; a response to HEAD gets its own (see ResponseReader).
@@ -729,7 +820,7 @@ class _Downstream:
                 conn.close()
                 raise MeshError(502, "invalid response from upstream")
             if event.informational:
-                if not head.http10:
+                if informational and not head.http10:
                     await downstream.send_all(http1.response_head_bytes(event.status, event.reason, event.headers))
                 continue
             break
@@ -895,6 +986,26 @@ def _worth_buffering(head: RequestHead, limit: int) -> bool:
     waiting for 100 Continue, a chunked body of unknown length or a larger body is streamed instead."""
     length = head.content_length
     return length is not None and length <= limit and not head.expect_continue and head.upgrade is None
+
+
+class _Hedge:
+    """One try of a hedged request: where it went, when, and what came back."""
+
+    __slots__ = ("conn", "endpoint", "ex", "failed", "failure", "reader", "response", "sent_at")
+
+    def __init__(self, endpoint: Endpoint, ex: _Exchange, sent_at: float) -> None:
+        self.endpoint = endpoint
+        self.ex = ex
+        self.sent_at = sent_at
+        self.conn: UpstreamConnection | None = None
+        self.response: ResponseHead | None = None
+        self.reader: ResponseReader | None = None
+        self.failure: _TryFailed | None = None
+        self.failed = trio.Event()
+
+    def fail(self, failure: _TryFailed) -> None:
+        self.failure = failure
+        self.failed.set()
 
 
 class _UpstreamLost(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 
@@ -133,3 +134,13 @@ async def connect_socket(host: str, port: int, family: socket.AddressFamily) -> 
         sock.close()
         raise
     return sock
+
+
+async def open_socket(host: str, port: int) -> socket.socket:
+    """Connect to an IP literal directly (one socket, the error as the kernel gave it); resolve names otherwise."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        trio_sock = (await trio.open_tcp_stream(host, port)).socket
+        return socket.socket(trio_sock.family, trio_sock.type, trio_sock.proto, fileno=trio_sock.detach())
+    return await connect_socket(host, port, family)

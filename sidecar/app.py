@@ -101,6 +101,8 @@ class Sidecar:
                 outlier=upstream.outlier,
                 circuit_breakers=upstream.circuit_breakers,
                 retries=upstream.retries,
+                hedging=upstream.hedging,
+                health_check=upstream.health_check,
             )
             name = f"upstreams[{index}]:{upstream.service}"
             self._add_listener(name, "outbound", upstream.bind, upstream.protocol, cluster, upstream)
@@ -180,8 +182,7 @@ class Sidecar:
                 },
                 "endpoints": [
                     {
-                        **cluster.balancer.state(e),
-                        **(cluster.outlier.state(e) if cluster.outlier else {}),
+                        **cluster.endpoint_state(e),
                         "address": str(e),
                         "weight": e.weight,
                         "healthy": e.healthy,

@@ -2,7 +2,8 @@
 
 Actions: "ok" (200 `ok`), "status:<code>[:<retry-after>]", "reset" (RST after reading the request), "eof" (close
 without a response), "hang" (read the request, never answer), "ok-then-close" (200 with keep-alive framing, then
-FIN while the connection sits idle in the caller's pool). The script is a function of the arrival number.
+FIN while the connection sits idle in the caller's pool), "slow:<ms>" (200 after that long). The script is a function
+of the arrival number; `paths` overrides it for particular paths.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,8 +28,9 @@ class Arrival:
 
 
 class ScriptedEndpoint:
-    def __init__(self, script: str | Callable[[int], str] = "ok") -> None:
+    def __init__(self, script: str | Callable[[int], str] = "ok", paths: dict[str, str] | None = None) -> None:
         self.script = script if callable(script) else (lambda _n, s=script: s)
+        self.paths = paths or {}  # actions for particular paths (e.g. a health check), overriding the script
         self.arrivals: list[Arrival] = []
         self.connections = 0
         self.closed_idle = threading.Event()  # set when an ok-then-close connection was closed
@@ -80,7 +83,7 @@ class ScriptedEndpoint:
                             connection,
                         )
                     )
-                action = self.script(n)
+                action = self.paths.get(request.target.decode()) or self.script(n)
                 if action == "reset":
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     sock.close()
@@ -91,6 +94,8 @@ class ScriptedEndpoint:
                 if action == "hang":
                     self._hung.append(sock)
                     return
+                if action.startswith("slow:"):
+                    time.sleep(int(action.split(":")[1]) / 1000)  # this endpoint's service time
                 status, retry_after = 200, None
                 if action.startswith("status:"):
                     parts = action.split(":")
@@ -104,6 +109,9 @@ class ScriptedEndpoint:
                 if action == "ok-then-close":
                     sock.close()
                     self.closed_idle.set()
+                    return
+                if conn.our_state is h11.MUST_CLOSE:  # the caller asked for `Connection: close`
+                    sock.close()
                     return
                 conn.start_next_cycle()
         except (OSError, h11.RemoteProtocolError):

@@ -1,7 +1,8 @@
-"""Nothing lost, nothing doubled: what a real outbound sidecar re-sends, counted at scripted endpoints."""
+"""Nothing lost, nothing doubled: what a real outbound sidecar re-sends or hedges, counted at scripted endpoints."""
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -222,3 +223,51 @@ def test_a_grpc_timeout_shortens_the_request_timeout(mesh, endpoints) -> None:
     expired = request(port, "GET", "/a", headers=[("grpc-timeout", "0m")])
     assert expired.status == 504 and expired.headers["x-mesh-error"] == "deadline expired before forwarding"
     assert hung.count() == 1
+
+
+def test_hedging_sends_a_slow_get_to_a_second_endpoint_and_takes_the_first_answer(mesh, endpoints) -> None:
+    slow, fast = scripted(endpoints, "slow:2000", "ok")
+    port, admin = outbound(mesh, [slow, fast], balancer={"policy": "round_robin"}, hedging={"delay": "50ms"})
+    with Client(port) as client:
+        assert [client.request("GET", f"/a/{i}").status for i in range(4)] == [200] * 4
+    assert fast.count() == 4  # each GET reached the fast endpoint once, directly or as a hedge
+    hedges = {
+        line.split('outcome="')[1].split('"')[0]: float(line.split()[-1])
+        for line in metric_lines(admin, "mesh_hedges_total")
+    }
+    assert hedges["sent"] == slow.count() >= 1
+    assert hedges["won"] == hedges["sent"]
+
+
+def test_a_post_is_never_hedged(mesh, endpoints) -> None:
+    slow, fast = scripted(endpoints, "slow:300", "ok")
+    port, admin = outbound(mesh, [slow, fast], balancer={"policy": "round_robin"}, hedging={"delay": "20ms"})
+    assert [request(port, "POST", "/o", body=b"1").status for _ in range(4)] == [200] * 4
+    assert slow.count() + fast.count() == 4
+    assert all(line.endswith(" 0.0") for line in metric_lines(admin, "mesh_hedges_total"))
+
+
+def test_an_endpoint_failing_its_health_check_gets_no_traffic(mesh, endpoints) -> None:
+    sick, well = scripted(endpoints, "ok", "ok")
+    sick.paths["/healthz"] = "status:503"
+    health_check = {"interval": "100ms", "http_path": "/healthz", "unhealthy_threshold": 2}
+    port, admin = outbound(mesh, [sick, well], retries={"attempts": 0}, health_check=health_check)
+    for _ in range(100):  # probes run every 100 ms: wait (bounded) until the sidecar has judged the sick one
+        state = {e["address"]: e for e in clusters(admin)["api"]["endpoints"]}
+        if state[sick.address]["health"] == "unhealthy (health check)":
+            break
+        time.sleep(0.05)
+    assert state[sick.address]["health"] == "unhealthy (health check)"
+    assert state[sick.address]["last_probe"] == "status 503"
+    assert state[well.address]["health"] == "healthy"
+    before = sick.count()
+    assert [request(port, "GET", "/work").status for _ in range(10)] == [200] * 10
+    assert sick.count() - before == len([a for a in sick.arrivals[before:] if a.path == "/healthz"])  # probes only
+    assert 'mesh_endpoints{health="unhealthy (health check)",upstream="api"} 1.0' in metric_lines(
+        admin, "mesh_endpoints"
+    )
+
+
+def clusters(admin: str) -> dict:
+    with urllib.request.urlopen(f"http://{admin}/clusters", timeout=10) as response:
+        return json.loads(response.read())
