@@ -568,8 +568,8 @@ class _Downstream:
         connection, head, endpoint and send time; if every try failed, raises the first one's failure. The
         caller accounts the endpoint returned (or `first` on failure) to the cluster; this accounts the rest."""
         cluster = self.proxy.cluster
-        hedges, budget = cluster.hedges, cluster.budget
-        assert hedges is not None and budget is not None
+        hedges = cluster.hedges
+        assert hedges is not None
         tries = [_Hedge(first, ex, trio.current_time())]
         winner: _Hedge | None = None
 
@@ -595,28 +595,26 @@ class _Downstream:
                 if winner is not one and one.conn is not None:
                     one.conn.close()  # failed, or cancelled while its request may be in flight
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(attempt, tries[0], data, nursery)
-            with trio.move_on_after(hedge_after):
-                await tries[0].failed.wait()  # a winner cancels the wait with the rest of the nursery
-            second = None
-            if tries[0].failure is None and winner is None:
-                try:
-                    second = cluster.pick(hash_key, [first])
-                except MeshError:  # discovery lost every endpoint meanwhile: no hedge
-                    pass
-            if second is not None and second.key != first.key and budget.withdraw():
-                hedge = _Hedge(second, _Exchange(), trio.current_time())
-                hedge.ex.endpoint = str(second)
-                hedge_data = self._request_bytes(head, headers, grpc_timeout, deadline, hedge.ex) + body
-                tries.append(hedge)
-                hedges["sent"] += 1
-                cluster.started(second)
-                nursery.start_soon(attempt, hedge, hedge_data, nursery)
-        now = trio.current_time()
-        for one in tries[1:] if winner is None or winner is tries[0] else tries[:1]:
-            # Every try but the one returned (or raised): a failure is the endpoint's; a cancelled try says nothing.
-            cluster.finished(one.endpoint, now - one.sent_at, False, judged=one.failure is not None)
+        returned = tries[0]  # the try whose outcome the caller accounts; this accounts every other one
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attempt, tries[0], data, nursery)
+                with trio.move_on_after(hedge_after):
+                    await tries[0].failed.wait()  # a winner cancels the wait with the rest of the nursery
+                if tries[0].failure is None and winner is None:
+                    hedge = self._hedge(head, first, hash_key, headers, grpc_timeout, deadline, body)
+                    if hedge is not None:
+                        tries.append(hedge)
+                        nursery.start_soon(attempt, hedge, hedge.data, nursery)
+            if winner is not None:
+                returned = winner
+        finally:
+            if returned is not winner and winner is not None and winner.conn is not None:
+                winner.conn.close()  # cancelled from outside just after a try won: nobody will read its response
+            now = trio.current_time()
+            for one in tries:
+                if one is not returned:  # a failure is the endpoint's; a cancelled try says nothing about it
+                    cluster.finished(one.endpoint, now - one.sent_at, False, judged=one.failure is not None)
         if winner is None:
             failure = tries[0].failure
             assert failure is not None
@@ -627,6 +625,38 @@ class _Downstream:
             hedges["won"] += 1
             ex.endpoint, ex.status, ex.head_at = winner.ex.endpoint, winner.ex.status, winner.ex.head_at
         return winner.conn, winner.response, winner.reader, winner.endpoint, winner.sent_at
+
+    def _hedge(
+        self,
+        head: RequestHead,
+        first: Endpoint,
+        hash_key: bytes | None,
+        headers: list[tuple[bytes, bytes]],
+        grpc_timeout: int,
+        deadline: float,
+        body: bytes,
+    ) -> _Hedge | None:
+        """The hedged try to launch, counted as started; None when there is no other endpoint, no time left or
+        no budget. Never raises: it runs inside the race's nursery."""
+        cluster = self.proxy.cluster
+        assert cluster.hedges is not None and cluster.budget is not None
+        try:
+            second = cluster.pick(hash_key, [first])
+        except MeshError:  # discovery lost every endpoint meanwhile
+            return None
+        if second.key == first.key:
+            return None
+        hedge = _Hedge(second, _Exchange(), trio.current_time())
+        hedge.ex.endpoint = str(second)
+        try:
+            hedge.data = self._request_bytes(head, headers, grpc_timeout, deadline, hedge.ex) + body
+        except MeshError:  # the deadline has passed; the sweeper is about to answer
+            return None
+        if not cluster.budget.withdraw():
+            return None
+        cluster.hedges["sent"] += 1
+        cluster.started(second)
+        return hedge
 
     def _retry_pause(
         self,
@@ -991,7 +1021,7 @@ def _worth_buffering(head: RequestHead, limit: int) -> bool:
 class _Hedge:
     """One try of a hedged request: where it went, when, and what came back."""
 
-    __slots__ = ("conn", "endpoint", "ex", "failed", "failure", "reader", "response", "sent_at")
+    __slots__ = ("conn", "data", "endpoint", "ex", "failed", "failure", "reader", "response", "sent_at")
 
     def __init__(self, endpoint: Endpoint, ex: _Exchange, sent_at: float) -> None:
         self.endpoint = endpoint
@@ -1002,6 +1032,7 @@ class _Hedge:
         self.reader: ResponseReader | None = None
         self.failure: _TryFailed | None = None
         self.failed = trio.Event()
+        self.data = b""  # the request bytes of a hedge
 
     def fail(self, failure: _TryFailed) -> None:
         self.failure = failure
