@@ -22,7 +22,7 @@ def parse_deadline_ms(value: bytes) -> float | None:
 
 def format_deadline_ms(seconds: float) -> bytes:
     """An `x-mesh-deadline` value for `seconds` left, rounded down (0 when nothing is left)."""
-    return b"%d" % max(0, int(seconds * 1000))
+    return b"%d" % (seconds * 1000) if seconds > 0 else b"0"
 
 
 def parse_grpc_timeout(value: bytes) -> float | None:

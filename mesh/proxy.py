@@ -78,6 +78,7 @@ class HttpProxy:
     ) -> None:
         self.acceptor = acceptor or PlainAccept()
         self.settings = settings
+        self.outbound = settings.direction == "outbound"
         self.cluster = cluster
         self.metrics = metrics
         self.access_log = access_log
@@ -448,21 +449,30 @@ class _Downstream:
         return None
 
     def _request_bytes(
-        self, head: RequestHead, headers: list[tuple[bytes, bytes]], grpc_timeout: int, deadline: float, ex: _Exchange
+        self,
+        head: RequestHead,
+        headers: list[tuple[bytes, bytes]],
+        grpc_timeout: int,
+        deadline: float,
+        ex: _Exchange,
+        now: float,
     ) -> bytes:
         """One try's request head: the deadline headers carry what is left of the budget at this moment."""
-        extra: list[tuple[bytes, bytes]] = []
-        if not head.authority:  # HTTP/1.0 without Host: the upstream hop is HTTP/1.1, which requires one
-            extra.append((b"host", ex.endpoint.encode()))
         if deadline != INF:
-            left = deadline - trio.current_time()
+            left = deadline - now
             if left <= 0:
                 raise REQUEST_TIMEOUT
-            if self.proxy.settings.direction == "outbound":
-                extra.append((DEADLINE_HEADER, format_deadline_ms(left)))
+            if self.proxy.outbound:  # the mesh deadline: the last header, replaced by every later try
+                value = (DEADLINE_HEADER, format_deadline_ms(left))
+                if headers[-1][0] is DEADLINE_HEADER:
+                    headers[-1] = value
+                else:
+                    headers.append(value)
             if grpc_timeout >= 0:
                 headers[grpc_timeout] = (GRPC_TIMEOUT, format_grpc_timeout(left))
-        return http1.request_head_bytes(head.method, head.target, headers + extra if extra else headers)
+        if not head.authority:  # HTTP/1.0 without Host: the upstream hop is HTTP/1.1, which requires one
+            return http1.request_head_bytes(head.method, head.target, [*headers, (b"host", ex.endpoint.encode())])
+        return http1.request_head_bytes(head.method, head.target, headers)
 
     async def _tries(
         self, head: RequestHead, ex: _Exchange, headers: list[tuple[bytes, bytes]], grpc_timeout: int, deadline: float
@@ -479,9 +489,14 @@ class _Downstream:
         # A body can be sent again only if all of it is here; an upgrade is never repeated.
         resendable = body_complete and head.upgrade is None
         if retry is not None:
-            resendable = resendable and len(body_bytes) <= retry.max_body_bytes and retry.may_resend(head.method)
+            resendable = (
+                resendable
+                and len(body_bytes) <= retry.max_body_bytes
+                and (retry.all_methods or head.method in IDEMPOTENT)
+            )
+        now = trio.current_time()
         if cluster.budget is not None:
-            cluster.budget.deposit()
+            cluster.budget.deposit(now)
         hash_key = self._hash_key(head, cluster.hash_on) if cluster.hash_on else None
         hedge_after = None
         if cluster.hedging is not None and resendable and head.method in IDEMPOTENT and not head.expect_continue:
@@ -492,9 +507,9 @@ class _Downstream:
             ex.endpoint = str(endpoint)
             ex.status = 0
             ex.head_at = 0.0
-            data = self._request_bytes(head, headers, grpc_timeout, deadline, ex) + body_bytes
+            data = self._request_bytes(head, headers, grpc_timeout, deadline, ex, now) + body_bytes
             cluster.started(endpoint)
-            sent_at = trio.current_time()
+            sent_at = now
             judged = True
             try:
                 if not body_complete:
@@ -503,8 +518,10 @@ class _Downstream:
                     conn, response, reader, endpoint, sent_at = await self._race(
                         head, data, endpoint, hedge_after, ex, hash_key, headers, grpc_timeout, deadline, body_bytes
                     )
+                elif retry is None or not retry.per_try_timeout:
+                    conn, response, reader = await self._send_for_head(head, data, endpoint, ex)
                 else:
-                    conn, response, reader = await self._until_head(head, data, endpoint, ex, deadline, retry)
+                    conn, response, reader = await self._per_try(head, data, endpoint, ex, deadline, retry)
                 if retry is not None and response.status in retry.statuses and resendable:
                     pause = self._retry_pause(retry, STATUS, head, len(tried), deadline, response)
                     if pause is not None:
@@ -513,7 +530,9 @@ class _Downstream:
                         retry.count(f"status_{response.status}")
                         failed = _TryFailed(MeshError(response.status, ""), STATUS)
                         raise failed
-                return await self._respond(head, response, reader, conn, ex, None)
+                if response.upgrade:
+                    return await self._upgraded(head, response, reader, conn, ex)
+                return await self._stream_response(head, response, reader, conn, ex, None)
             except _TryFailed as exc:
                 failed = exc
                 if exc.reason != STATUS:
@@ -548,6 +567,7 @@ class _Downstream:
             tried.append(endpoint)
             if pause > 0:
                 await trio.sleep(pause)
+            now = trio.current_time()
 
     async def _race(
         self,
@@ -649,7 +669,7 @@ class _Downstream:
         hedge = _Hedge(second, _Exchange(), trio.current_time())
         hedge.ex.endpoint = str(second)
         try:
-            hedge.data = self._request_bytes(head, headers, grpc_timeout, deadline, hedge.ex) + body
+            hedge.data = self._request_bytes(head, headers, grpc_timeout, deadline, hedge.ex, hedge.sent_at) + body
         except MeshError:  # the deadline has passed; the sweeper is about to answer
             return None
         if not cluster.budget.withdraw():
@@ -714,20 +734,11 @@ class _Downstream:
                 raise
             raise _TryFailed(exc, CONNECT_FAILURE, never_ran=True) from None
 
-    async def _until_head(
-        self,
-        head: RequestHead,
-        data: bytes,
-        endpoint: Endpoint,
-        ex: _Exchange,
-        deadline: float,
-        retry: RetryPolicy | None,
+    async def _per_try(
+        self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: _Exchange, deadline: float, retry: RetryPolicy
     ) -> tuple[UpstreamConnection, ResponseHead, ResponseReader]:
-        """Send a request whose body is all in `data`, and wait for the final response head (one try)."""
-        per_try = retry.per_try_timeout if retry is not None else 0.0
-        if not per_try:
-            return await self._send_for_head(head, data, endpoint, ex)
-        with trio.CancelScope(deadline=min(deadline, trio.current_time() + per_try)) as scope:
+        """`_send_for_head` within the per-try timeout; its expiry is a failed try (`per_try_timeout`)."""
+        with trio.CancelScope(deadline=min(deadline, trio.current_time() + retry.per_try_timeout)) as scope:
             result = await self._send_for_head(head, data, endpoint, ex)
         if not scope.cancelled_caught:
             return result
@@ -789,7 +800,10 @@ class _Downstream:
             nursery.start_soon(pump.run)
             try:
                 response, reader = await self._response_head(head, conn, ex)
-                keep_alive = await self._respond(head, response, reader, conn, ex, pump)
+                if response.upgrade:
+                    keep_alive = await self._upgraded(head, response, reader, conn, ex)
+                else:
+                    keep_alive = await self._stream_response(head, response, reader, conn, ex, pump)
             except _UpstreamLost as lost:
                 conn.close()
                 # If the request broke off first, that is the outcome.
@@ -857,19 +871,6 @@ class _Downstream:
         ex.status = event.status
         ex.head_at = trio.current_time()
         return event, reader
-
-    async def _respond(
-        self,
-        head: RequestHead,
-        response: ResponseHead,
-        reader: ResponseReader,
-        conn: UpstreamConnection,
-        ex: _Exchange,
-        pump: _BodyPump | None,
-    ) -> bool:
-        if response.upgrade:
-            return await self._upgraded(head, response, reader, conn, ex)
-        return await self._stream_response(head, response, reader, conn, ex, pump)
 
     async def _stream_response(
         self,

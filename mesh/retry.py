@@ -30,7 +30,18 @@ class RetryBudget:
     a fifth of the traffic, so retries cannot turn an overload into an outage. Counts live in ten time
     buckets that roll over with `clock`; `deposit` and `withdraw` are O(1) apart from rolling buckets."""
 
-    __slots__ = ("_buckets", "_clock", "_current", "_ratio", "_requests", "_reserve", "_retries", "_width", "exhausted")
+    __slots__ = (
+        "_bucket",
+        "_buckets",
+        "_clock",
+        "_current",
+        "_per_width",
+        "_ratio",
+        "_requests",
+        "_reserve",
+        "_retries",
+        "exhausted",
+    )
 
     _BUCKETS = 10
 
@@ -38,9 +49,10 @@ class RetryBudget:
         self._clock = clock
         self._ratio = settings.percent / 100
         self._reserve = settings.min_per_second * settings.window
-        self._width = settings.window / self._BUCKETS
+        self._per_width = self._BUCKETS / settings.window  # buckets per second
         self._buckets = [[0, 0] for _ in range(self._BUCKETS)]  # [requests, retries] per bucket
-        self._current = int(clock() // self._width)
+        self._current = int(clock() * self._per_width)
+        self._bucket = self._buckets[self._current % self._BUCKETS]
         self._requests = 0
         self._retries = 0
         self.exhausted = 0  # retries refused by the budget
@@ -48,35 +60,42 @@ class RetryBudget:
     def __repr__(self) -> str:
         return f"<RetryBudget requests={self._requests} retries={self._retries} available={self.available():.1f}>"
 
-    def _roll(self) -> list[int]:
-        index = int(self._clock() // self._width)
-        if index != self._current:
-            for i in range(max(self._current + 1, index - self._BUCKETS + 1), index + 1):
-                bucket = self._buckets[i % self._BUCKETS]
-                self._requests -= bucket[0]
-                self._retries -= bucket[1]
-                bucket[0] = bucket[1] = 0
-            self._current = index
-        return self._buckets[index % self._BUCKETS]
+    def _advance(self, index: int) -> None:
+        """Move to bucket `index`, emptying the buckets passed over (they left the window)."""
+        for i in range(max(self._current + 1, index - self._BUCKETS + 1), index + 1):
+            bucket = self._buckets[i % self._BUCKETS]
+            self._requests -= bucket[0]
+            self._retries -= bucket[1]
+            bucket[0] = bucket[1] = 0
+        self._current = index
+        self._bucket = self._buckets[index % self._BUCKETS]
 
-    def deposit(self) -> None:
-        """Count one original request (not a retry)."""
-        self._roll()[0] += 1
+    def deposit(self, now: float | None = None) -> None:
+        """Count one original request (not a retry); `now` saves a clock read when the caller has it."""
+        index = int((self._clock() if now is None else now) * self._per_width)
+        if index != self._current:
+            self._advance(index)
+        self._bucket[0] += 1
         self._requests += 1
 
     def available(self) -> float:
-        self._roll()
+        self._advance_to_now()
         return self._requests * self._ratio + self._reserve - self._retries
 
     def withdraw(self) -> bool:
         """Take one retry from the budget; False (and counted in `exhausted`) when there is none left."""
-        bucket = self._roll()
+        self._advance_to_now()
         if self._retries + 1 > self._requests * self._ratio + self._reserve:
             self.exhausted += 1
             return False
-        bucket[1] += 1
+        self._bucket[1] += 1
         self._retries += 1
         return True
+
+    def _advance_to_now(self) -> None:
+        index = int(self._clock() * self._per_width)
+        if index != self._current:
+            self._advance(index)
 
 
 class RetryRules(Protocol):
