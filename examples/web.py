@@ -21,8 +21,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 API_TIMEOUT_S = 10.0
 # The app's part of tracing: pass the incoming request's trace headers on to the calls it makes.
-TRACE_HEADERS = ("x-request-id", "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid",
-                 "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags")
+TRACE_HEADERS = (
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+)
 
 # The api is reached through the sidecar on 127.0.0.1: never through an HTTP proxy from the environment.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

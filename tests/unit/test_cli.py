@@ -103,9 +103,7 @@ def test_sidecar_run_with_a_broken_config_never_starts(
     )
 
 
-@pytest.mark.parametrize(
-    ("argv", "base_port"), [([], DEFAULT_DEMO_BASE_PORT), (["--base-port", "28000"], 28000)]
-)
+@pytest.mark.parametrize(("argv", "base_port"), [([], DEFAULT_DEMO_BASE_PORT), (["--base-port", "28000"], 28000)])
 def test_demo(monkeypatch: pytest.MonkeyPatch, argv: list[str], base_port: int) -> None:
     ports: list[int] = []
     fake_sidecar_module(monkeypatch, "demo", main=lambda args: ports.append(args.base_port) or 0)
