@@ -545,12 +545,102 @@ class RegistryFile(_Model):
     )
 
 
+def _consul_address_default() -> str:
+    return os.environ.get("CONSUL_HTTP_ADDR") or "127.0.0.1:8500"
+
+
+def _check_consul_address(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected host:port or http(s)://host:port (got {_show(value)})")
+    text = value.strip().rstrip("/")
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        if scheme not in ("http", "https") or not rest or "/" in rest:
+            raise ValueError(f"expected http://host:port or https://host:port (got {value!r})")
+    else:
+        rest = text
+    try:
+        urllib.parse.urlsplit(f"//{rest}").port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValueError(f"invalid port in {value!r}") from None
+    return text
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+class ConsulSettings(_Model):
+    """The local Consul agent; the defaults come from Consul's own environment variables."""
+
+    address: Annotated[str, BeforeValidator(_check_consul_address)] = Field(
+        default_factory=_consul_address_default,
+        description="host:port or http(s)://host:port of the local agent; default $CONSUL_HTTP_ADDR, else "
+        "127.0.0.1:8500.",
+    )
+    ca_file: Path | None = Field(
+        default_factory=lambda: _env_path("CONSUL_CACERT"),
+        description="CA certificate to verify an https agent; default $CONSUL_CACERT.",
+    )
+    token: str | None = Field(
+        default_factory=lambda: os.environ.get("CONSUL_HTTP_TOKEN") or None,
+        description="ACL token, sent as X-Consul-Token and never logged; default $CONSUL_HTTP_TOKEN.",
+    )
+    token_file: Path | None = Field(
+        default_factory=lambda: _env_path("CONSUL_HTTP_TOKEN_FILE"),
+        description="A file holding the ACL token (read at start); default $CONSUL_HTTP_TOKEN_FILE.",
+    )
+    datacenter: str | None = Field(None, description="Datacenter to query and register in; default the agent's.")
+    timeout: Duration = Field(10.0, description="Longest wait for a registration or check update call.")
+
+    @field_validator("ca_file", "token_file")
+    @classmethod
+    def _resolve(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is None:
+            return None
+        base_dir = (info.context or {}).get("base_dir", Path.cwd())
+        return Path(os.path.abspath(Path(base_dir) / path))
+
+    @property
+    def base_url(self) -> str:
+        """http(s)://host:port; plain host:port means http unless $CONSUL_HTTP_SSL is true (as Consul's CLI)."""
+        if "://" in self.address:
+            return self.address
+        ssl = os.environ.get("CONSUL_HTTP_SSL", "").lower() in ("1", "true")
+        return f"{'https' if ssl else 'http'}://{self.address}"
+
+
+class ConsulDiscoverySettings(_Model):
+    """Endpoints from Consul's health API, kept fresh with blocking queries (the agent in `consul`)."""
+
+    connect: bool = Field(
+        True,
+        description="true: /v1/health/connect/<service> (the services' sidecar proxies, i.e. their inbound "
+        "listeners); false: /v1/health/service/<service> (the service instances themselves).",
+    )
+    tags: list[str] = Field(default_factory=list, description="Only instances carrying every one of these tags.")
+    wait: Duration = Field(60.0, description="How long one blocking query may wait for a change (Consul's `wait`).")
+    min_interval: Duration = Field(0.1, description="Never query one service more often than this.")
+    retry_max: Duration = Field(5.0, description="Longest pause between attempts while Consul fails (jittered).")
+
+    @field_validator("wait")
+    @classmethod
+    def _wait_range(cls, value: float) -> float:
+        if not 1 <= value <= 600:
+            raise ValueError("wait must be between 1s and 10m (Consul caps it at 10m)")
+        return value
+
+
 class DiscoverySettings(_Model):
     """Where the endpoints of upstream services come from: exactly one source."""
 
     static: dict[ServiceName, list[Endpoint]] | None = Field(None, description="Endpoints listed inline, per service.")
     file: Path | None = Field(
         None, description="A registry file (YAML or JSON), watched for changes; relative to the config file."
+    )
+    consul: ConsulDiscoverySettings | None = Field(
+        None, description="Endpoints from the Consul agent configured in `consul`."
     )
 
     @field_validator("file")
@@ -563,8 +653,8 @@ class DiscoverySettings(_Model):
 
     @model_validator(mode="after")
     def _one_source(self) -> DiscoverySettings:
-        if (self.static is None) == (self.file is None):
-            raise ValueError("set exactly one of: static, file")
+        if sum(source is not None for source in (self.static, self.file, self.consul)) != 1:
+            raise ValueError("set exactly one of: static, file, consul")
         return self
 
 
@@ -692,6 +782,48 @@ IDENTITY_REQUIRED = (
 )
 
 
+class AppHealthSettings(_Model):
+    """How the sidecar checks its local application before it tells Consul the service is healthy."""
+
+    http_path: str | None = Field(
+        None, description="GET this path on the application (a 2xx passes); null: a TCP connect to `service.app`."
+    )
+    interval: Duration = Field(10.0, description="Time between checks; each passing check refreshes the TTL.")
+    timeout: Duration = Field(2.0, description="A check not answered in this time fails.")
+
+    @field_validator("http_path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or any(c in value for c in " \r\n\t")):
+            raise ValueError(f"http_path must start with '/' and contain no whitespace (got {value!r})")
+        return value
+
+
+class RegistrationSettings(_Model):
+    """Registration in the local Consul agent: the application's service, with a TTL check this sidecar keeps
+    passing while the application answers its health check, and this sidecar as its connect-proxy."""
+
+    id: str | None = Field(None, description="The service ID; default <service>-<inbound port>.")
+    address: str | None = Field(
+        None,
+        description="The address peers reach the inbound listener on; default the inbound bind address, or "
+        "the agent's node address when that is a wildcard (0.0.0.0 or ::).",
+    )
+    tags: list[str] = Field(default_factory=list, description="Tags of both registrations (e.g. v2).")
+    meta: dict[str, str] = Field(default_factory=dict, description="Meta of both registrations (e.g. zone: a).")
+    health: AppHealthSettings = Field(default_factory=AppHealthSettings, description="The application's check.")
+    ttl: Duration = Field(30.0, description="TTL of the service's check; it turns critical if not refreshed.")
+    deregister_critical_after: Duration = Field(
+        60.0, description="Consul removes the registration after it was critical this long (Consul's minimum: 1m)."
+    )
+
+    @model_validator(mode="after")
+    def _ttl_above_interval(self) -> RegistrationSettings:
+        if self.ttl <= self.health.interval:
+            raise ValueError("ttl must be longer than health.interval, or the check expires between refreshes")
+        return self
+
+
 class SidecarConfig(_Model):
     """One sidecar: its service, its inbound listener, its upstreams and where their endpoints come from."""
 
@@ -700,6 +832,14 @@ class SidecarConfig(_Model):
     inbound: InboundSettings | None = Field(None, description="The listener for peers; null for a client-only sidecar.")
     upstreams: list[UpstreamSettings] = Field(default_factory=list, description="Services the application calls.")
     discovery: DiscoverySettings | None = Field(None, description="Where upstream endpoints come from.")
+    consul: ConsulSettings | None = Field(
+        None,
+        description="The local Consul agent, for discovery.consul and registration; when they are used and this "
+        "is not set, the defaults (from $CONSUL_HTTP_ADDR and friends) apply.",
+    )
+    registration: RegistrationSettings | None = Field(
+        None, description="Register the service and this sidecar in Consul; null: do not register."
+    )
     identity: IdentitySettings | None = Field(
         None, description="This sidecar's certificate; required when any mesh hop uses tls: mutual."
     )
@@ -709,7 +849,7 @@ class SidecarConfig(_Model):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> SidecarConfig:
-        problems = [*_conflicts(self), *_identity_missing(self)]
+        problems = [*_conflicts(self), *_identity_missing(self), *_consul_defaults(self)]
         if problems:
             text = "\n".join(f"{_format_loc(loc)}: {message}" for loc, message in problems)
             raise PydanticCustomError("config_conflict", text, {"problems": tuple(problems)})
@@ -742,6 +882,8 @@ def _conflicts(cfg: SidecarConfig) -> list[_Problem]:
             earlier_loc, earlier = overlapping[0]
             problems.append((loc, f"{address} overlaps {earlier} used by {_format_loc(earlier_loc)}"))
 
+    if cfg.registration is not None and cfg.inbound is None:
+        problems.append((("registration",), "needs inbound: the registration advertises the inbound listener"))
     if cfg.upstreams and cfg.discovery is None:
         problems.append((("discovery",), "required when upstreams are configured"))
     elif cfg.discovery is not None and cfg.discovery.static is not None:
@@ -762,6 +904,19 @@ _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
 def _overlaps(a: Address, b: Address) -> bool:
     """A wildcard bind takes its port on every local address, so it collides with any bind of that port."""
     return a.port == b.port != 0 and (a.host in _WILDCARD_HOSTS or b.host in _WILDCARD_HOSTS)
+
+
+def _consul_defaults(cfg: SidecarConfig) -> list[_Problem]:
+    """Fill in `consul` from the environment when discovery or registration needs the agent and it is unset."""
+    uses_consul = cfg.registration is not None or (cfg.discovery is not None and cfg.discovery.consul is not None)
+    if not uses_consul or cfg.consul is not None:
+        return []
+    try:
+        consul = ConsulSettings()
+    except ValidationError as exc:
+        return [(("consul", *error["loc"]), f"from the environment: {error['msg']}") for error in exc.errors()]
+    object.__setattr__(cfg, "consul", consul)  # the model is frozen; this runs while it is being built
+    return []
 
 
 def _identity_missing(cfg: SidecarConfig) -> list[_Problem]:

@@ -59,7 +59,9 @@ class EndpointSet:
     updated_at: float
     """time.time() when this set was learned; its age tells how stale the knowledge may be."""
     source: str
-    """Where it came from: "static" or "file:<path>"."""
+    """Where it came from: "static", "file:<path>" or "consul:<endpoint>/<service>"."""
+    error: str | None = None
+    """Why the set may be stale: the source's current error (the set is the last one it gave), else None."""
 
 
 class Discovery(Protocol):

@@ -139,6 +139,8 @@ def test_defaults() -> None:
         "inbound": None,
         "upstreams": [],
         "discovery": None,
+        "consul": None,
+        "registration": None,
         "identity": None,
         "admin": {"bind": "127.0.0.1:9901"},
         "log": {"level": "info", "access_log": False},
@@ -414,16 +416,16 @@ log: {access_log: maybe}
             MINIMAL + "colour: blue\n",
             [
                 "colour: unknown field 'colour' "
-                "(allowed: mesh, service, inbound, upstreams, discovery, identity, admin, log, shutdown)"
+                "(allowed: mesh, service, inbound, upstreams, discovery, consul, registration, identity, admin, log, shutdown)"
             ],
         ),
         ("service: {name: web, name: api, app: 127.0.0.1:1}\n", ["line 1, column 22: duplicate key 'name'"]),
         ("service: [web]\n", ["service: must be a mapping (got a list)"]),
         (MINIMAL + "upstreams:\n", ["upstreams: must be a list (got null)"]),
-        (MINIMAL + "discovery: {}\n", ["discovery: set exactly one of: static, file"]),
+        (MINIMAL + "discovery: {}\n", ["discovery: set exactly one of: static, file, consul"]),
         (
             MINIMAL + "discovery: {file: r.yaml, static: {}}\n",
-            ["discovery: set exactly one of: static, file"],
+            ["discovery: set exactly one of: static, file, consul"],
         ),
         (
             MINIMAL + "discovery: {static: {API: [127.0.0.1:1]}}\n",
