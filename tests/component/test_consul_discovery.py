@@ -1,0 +1,185 @@
+"""Consul discovery's blocking-query loop against a scripted agent, under trio's mock clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from mesh.config import ConsulDiscoverySettings
+from mesh.consul import ConsulDiscovery, ConsulUnavailable, endpoint_from_entry
+from mesh.discovery import Endpoint
+
+
+class Log:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        return lambda event, **kw: self.events.append((level, event, kw))
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [kw for _, e, kw in self.events if e == event]
+
+
+def entry(port: int, *, address: str = "10.0.0.1", node: str = "10.9.9.9", **service: Any) -> dict[str, Any]:
+    return {"Node": {"Node": "n1", "Address": node}, "Service": {"Address": address, "Port": port, **service}}
+
+
+class ScriptedAgent:
+    """Answers each health call with the next scripted step: (index, entries), an exception, or "block"."""
+
+    def __init__(self, steps: list[object]) -> None:
+        self.steps = list(steps)
+        self.calls: list[tuple[str, int, float, trio.Nursery | None]] = []
+        self.address = "http://scripted"
+        self.more = trio.Event()
+
+    async def health(self, service: str, *, connect: bool, tags: list[str], index: int, wait: float) -> Any:
+        self.calls.append((service, index, trio.current_time(), None))
+        if not self.steps:
+            await trio.sleep_forever()
+        step = self.steps.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        if isinstance(step, tuple) and step[0] == "sleep":
+            await trio.sleep(step[1])
+            step = step[2]
+        return step
+
+
+def discovery(agent: ScriptedAgent, log: Log, **settings: Any) -> ConsulDiscovery:
+    return ConsulDiscovery(
+        agent,  # type: ignore[arg-type]
+        ConsulDiscoverySettings(**settings),
+        log=log,
+        rng=lambda low, high: high,
+    )
+
+
+async def run_for(disco: ConsulDiscovery, seconds: float) -> None:
+    with trio.move_on_after(seconds):
+        await disco.run()
+
+
+def test_entries_become_endpoints_with_node_address_fallback_weights_tags_meta() -> None:
+    assert endpoint_from_entry(entry(15000)) == Endpoint("10.0.0.1", 15000)
+    assert endpoint_from_entry(entry(15000, address="")) == Endpoint("10.9.9.9", 15000)
+    weighted = entry(15001, Weights={"Passing": 3, "Warning": 1}, Tags=["v2"], Meta={"zone": "a", "version": "2"})
+    assert endpoint_from_entry(weighted) == Endpoint("10.0.0.1", 15001, 3, ("v2",), {"zone": "a", "version": "2"})
+    assert endpoint_from_entry({"Service": {"Port": 1}}) is None  # no address anywhere
+    assert endpoint_from_entry(entry(0)) is None
+
+
+async def test_follows_the_index_and_publishes_changes(autojump_clock: trio.testing.MockClock) -> None:
+    agent = ScriptedAgent([(5, [entry(1)]), (7, [entry(1), entry(2)]), (7, [entry(1), entry(2)])])
+    log = Log()
+    disco = discovery(agent, log)
+    watch = disco.watch("api")
+    await run_for(disco, 10)
+    assert [index for _, index, _, _ in agent.calls] == [0, 5, 7, 7]  # each query passes the last X-Consul-Index
+    assert watch.value is not None
+    assert [e.port for e in watch.value.endpoints] == [1, 2]
+    assert watch.value.source == "consul:connect/api" and watch.value.error is None
+    assert len(log.named("endpoints changed")) == 1
+
+
+async def test_an_index_going_backwards_starts_over_and_below_one_counts_as_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    agent = ScriptedAgent([(50, [entry(1)]), (3, [entry(1)]), (0, [entry(1)])])
+    disco = discovery(agent, Log())
+    disco.watch("api")
+    await run_for(disco, 10)
+    assert [index for _, index, _, _ in agent.calls] == [0, 50, 0, 1]
+
+
+async def test_queries_are_rate_limited(autojump_clock: trio.testing.MockClock) -> None:
+    agent = ScriptedAgent([(i + 1, [entry(1)]) for i in range(50)])
+    disco = discovery(agent, Log(), min_interval="1s")
+    disco.watch("api")
+    await run_for(disco, 10.5)
+    times = [t for _, _, t, _ in agent.calls]
+    assert len(times) == 11  # one query per second, although every answer came back at once
+    assert all(later - earlier >= 1 for earlier, later in zip(times, times[1:], strict=False))
+
+
+async def test_fails_static_and_logs_once_per_state_change(autojump_clock: trio.testing.MockClock) -> None:
+    down = ConsulUnavailable("agent unreachable: connection refused")
+    agent = ScriptedAgent([(5, [entry(1), entry(2)]), down, down, down, down, (9, [entry(1), entry(2)])])
+    log = Log()
+    disco = discovery(agent, log, retry_max="2s")
+    watch = disco.watch("api")
+    seen = []
+
+    async def observe() -> None:
+        version = 0
+        while True:
+            value, version = await watch.wait_changed(version)
+            seen.append(value)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(observe)
+        await run_for(disco, 30)
+        nursery.cancel_scope.cancel()
+    learned, stale, fresh = seen[0], seen[1], seen[-1]
+    assert stale.endpoints is learned.endpoints  # the last known endpoints, untouched
+    assert stale.updated_at == learned.updated_at and stale.error == "agent unreachable: connection refused"
+    assert fresh.error is None and fresh.endpoints is learned.endpoints
+    assert len(log.named("consul unavailable; keeping the last known endpoints")) == 1  # not one per attempt
+    assert len(log.named("consul answers again")) == 1
+    # Backoff between failed attempts: jittered, capped at retry_max.
+    times = [t for _, _, t, _ in agent.calls]
+    assert all(0 < later - earlier <= 2 for earlier, later in zip(times[1:5], times[2:6], strict=False))
+
+
+async def test_never_resolved_stays_none_until_consul_answers(autojump_clock: trio.testing.MockClock) -> None:
+    refused = ConsulUnavailable("agent unreachable: connection refused")
+    agent = ScriptedAgent([refused, refused, (4, [entry(1)])])
+    log = Log()
+    disco = discovery(agent, log)
+    watch = disco.watch("api")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_for, disco, 30)
+        await trio.sleep(0.1)
+        assert watch.value is None  # 503 discovery unavailable meanwhile
+        await trio.sleep(10)
+        assert watch.value is not None and [e.port for e in watch.value.endpoints] == [1]
+    assert len(log.named("consul unavailable; the service stays unresolved")) == 1
+
+
+async def test_an_empty_answer_is_no_healthy_endpoints(autojump_clock: trio.testing.MockClock) -> None:
+    agent = ScriptedAgent([(5, [entry(1)]), (6, [])])
+    disco = discovery(agent, Log())
+    watch = disco.watch("api")
+    await run_for(disco, 5)
+    assert watch.value is not None and watch.value.endpoints == () and watch.value.error is None
+
+
+async def test_a_hung_agent_does_not_hold_the_start(autojump_clock: trio.testing.MockClock) -> None:
+    agent = ScriptedAgent([("sleep", 1000, (5, [entry(1)]))])
+    disco = discovery(agent, Log())
+    disco.watch("api")
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(5):
+            await nursery.start(disco.run)  # started after the start timeout, not after the hang
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("connect", [True, False])
+async def test_passes_connect_tags_and_wait(autojump_clock: trio.testing.MockClock, connect: bool) -> None:
+    received: list[dict[str, Any]] = []
+
+    class Recording(ScriptedAgent):
+        async def health(self, service: str, **kwargs: Any) -> Any:
+            received.append(kwargs)
+            return await super().health(service, **kwargs)
+
+    agent = Recording([(5, [entry(1)])])
+    disco = discovery(agent, Log(), connect=connect, tags=["v2", "blue"], wait="30s")
+    disco.watch("api")
+    await run_for(disco, 1)
+    assert received[0] == {"connect": connect, "tags": ["v2", "blue"], "index": 0, "wait": 30.0}
