@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -104,7 +105,7 @@ async def test_queries_are_rate_limited(autojump_clock: trio.testing.MockClock) 
     await run_for(disco, 10.5)
     times = [t for _, _, t, _ in agent.calls]
     assert len(times) == 11  # one query per second, although every answer came back at once
-    assert all(later - earlier >= 1 for earlier, later in zip(times, times[1:], strict=False))
+    assert all(later - earlier >= 1 for earlier, later in itertools.pairwise(times))
 
 
 async def test_fails_static_and_logs_once_per_state_change(autojump_clock: trio.testing.MockClock) -> None:
@@ -133,7 +134,7 @@ async def test_fails_static_and_logs_once_per_state_change(autojump_clock: trio.
     assert len(log.named("consul answers again")) == 1
     # Backoff between failed attempts: jittered, capped at retry_max.
     times = [t for _, _, t, _ in agent.calls]
-    assert all(0 < later - earlier <= 2 for earlier, later in zip(times[1:5], times[2:6], strict=False))
+    assert all(0 < later - earlier <= 2 for earlier, later in itertools.pairwise(times[1:6]))
 
 
 async def test_never_resolved_stays_none_until_consul_answers(autojump_clock: trio.testing.MockClock) -> None:
