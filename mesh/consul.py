@@ -112,7 +112,9 @@ class ConsulAgent:
         when the agent does not know the check (it lost its state: re-register)."""
         check = self._client.agent.check
         fn = {"passing": check.ttl_pass, "warning": check.ttl_warn, "critical": check.ttl_fail}[status]
-        await self._call(self.control_limiter, fn, check_id, notes=note or None)
+        if await self._call(self.control_limiter, fn, check_id, notes=note or None) is False:
+            # py-consul answers False instead of raising when the agent says 404 (unknown check ID).
+            raise ConsulUnavailable(f"not found: unknown check {check_id}", 404)
 
     async def local_service(self, service_id: str) -> dict[str, Any] | None:
         """This agent's registration of `service_id`, or None if it has none."""
