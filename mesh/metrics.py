@@ -1,5 +1,6 @@
 """Prometheus metrics of one sidecar: cheap per-request recording and the text exposition."""
 
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -268,9 +269,24 @@ class _ClusterCollector:
             "unhealthy (health check), unhealthy (discovery).",
             labels=["upstream", "health"],
         )
+        age = GaugeMetricFamily(
+            "mesh_discovery_age_seconds",
+            "Seconds since discovery last answered for the upstream (grows while it fails: the endpoints in use "
+            "are the last known ones).",
+            labels=["upstream"],
+        )
+        stale = GaugeMetricFamily(
+            "mesh_discovery_stale",
+            "1 while discovery fails and the last known endpoints are used.",
+            labels=["upstream"],
+        )
+        now = time.time()
         for cluster in self.clusters():
             name = cluster.name
             current = cluster.endpoints.value
+            if current is not None:
+                age.add_metric([name], max(0.0, now - current.updated_at))
+                stale.add_metric([name], 1 if current.error else 0)
             by_health: dict[str, int] = {}
             for endpoint in current.endpoints if current is not None else ():
                 health = cluster.endpoint_state(endpoint)["health"]
@@ -292,7 +308,7 @@ class _ClusterCollector:
             if cluster.hedges is not None:
                 for outcome, count in sorted(cluster.hedges.items()):
                     hedges.add_metric([name, outcome], count)
-        yield from (retries, exhausted, ejections, panics, panic, overflows, hedges, endpoints)
+        yield from (retries, exhausted, ejections, panics, panic, overflows, hedges, endpoints, age, stale)
 
 
 def _or_nan(value: float | None) -> float:

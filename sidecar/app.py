@@ -10,12 +10,14 @@ from typing import Any
 
 import structlog
 import trio
+from mesh.registration import Registration
 
 from mesh import log as mesh_log
 from mesh.admin import AdminApp
 from mesh.cluster import Cluster
 from mesh.config import Address, BalancerSettings, InboundSettings, SidecarConfig, UpstreamSettings, dump_config, redact
-from mesh.discovery import Endpoint, EndpointSet, discovery_from_settings
+from mesh.consul import ConsulAgent, ConsulDiscovery
+from mesh.discovery import Discovery, Endpoint, EndpointSet, discovery_from_settings
 from mesh.identity import identity_source
 from mesh.listener import Drain, serve_tcp
 from mesh.metrics import Metrics
@@ -41,7 +43,20 @@ class Sidecar:
         self.access_log = mesh_log.AccessLog(config.log.access_log, mesh_log.get_logger("access"))
         self.drain = Drain()
         self.sweeper = Sweeper()
-        self.discovery = discovery_from_settings(config.discovery) if config.discovery else None
+        self.consul = ConsulAgent(config.consul) if config.consul is not None else None
+        self.discovery: Discovery | None = None
+        if config.discovery is not None and config.discovery.consul is not None:
+            assert self.consul is not None  # the config fills in the agent's defaults when discovery uses it
+            self.discovery = ConsulDiscovery(self.consul, config.discovery.consul)
+        elif config.discovery is not None:
+            self.discovery = discovery_from_settings(config.discovery)
+        self.registration: Registration | None = None
+        if config.registration is not None:
+            assert self.consul is not None and config.inbound is not None  # the config guarantees both
+            self.registration = Registration(
+                self.consul, config.registration, service=config.service, inbound=config.inbound
+            )
+        self.stopping = False
         self.identity = (
             identity_source(config.identity, service=config.service.name, mesh=config.mesh) if config.identity else None
         )
@@ -150,7 +165,7 @@ class Sidecar:
         return UpstreamTls(self.identity, expected_id=expected, server_name=upstream.service)
 
     def ready(self) -> tuple[bool, str]:
-        if self.drain.draining:
+        if self.stopping or self.drain.draining:
             return False, "draining"
         if not self.serving:
             return False, "starting"
@@ -172,6 +187,7 @@ class Sidecar:
                 "resolved": current is not None,
                 "source": current.source if current else None,
                 "age_s": round(now - current.updated_at, 3) if current else None,
+                "stale_reason": current.error if current else None,
                 "balancer": cluster.policy,
                 "panic": bool(cluster.outlier and cluster.outlier.panic),
                 "circuit": {
@@ -212,6 +228,8 @@ class Sidecar:
                 await background.start(self.identity.run)
             if self.discovery is not None:
                 await background.start(self.discovery.run)
+            if self.registration is not None:
+                await background.start(self.registration.run)
             background.start_soon(self.sweeper.run)
             background.start_soon(_flush_access_log_periodically)
             for cluster in self.clusters:
@@ -251,6 +269,17 @@ class Sidecar:
             admin_drain.start()
             background.cancel_scope.cancel()
 
+    async def shutdown(self) -> None:
+        """Leave the mesh, then drain: deregister from Consul first (bounded by its timeout), so that peers
+        stop sending new requests before the listeners stop accepting them."""
+        if self.stopping:
+            return
+        self.stopping = True
+        if self.registration is not None and self.consul is not None:
+            with trio.move_on_after(self.consul.settings.timeout):
+                await self.registration.deregister()
+        self.drain.start()
+
 
 async def _flush_access_log_periodically() -> None:
     try:
@@ -270,12 +299,12 @@ async def main(config: SidecarConfig) -> None:
             async def on_signals() -> None:
                 async for signum in signals:
                     name = signal.Signals(signum).name
-                    if sidecar.drain.draining:
+                    if sidecar.stopping:
                         log.warning("second signal: stopping now", signal=name)
                         nursery.cancel_scope.cancel()
                         return
                     log.info("shutting down", signal=name, drain_timeout_s=config.shutdown.drain_timeout)
-                    sidecar.drain.start()
+                    nursery.start_soon(sidecar.shutdown)
 
             nursery.start_soon(on_signals)
             await sidecar.serve()
