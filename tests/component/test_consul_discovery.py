@@ -10,9 +10,11 @@ import pytest
 import trio
 import trio.testing
 
-from mesh.config import ConsulDiscoverySettings
-from mesh.consul import ConsulDiscovery, ConsulUnavailable, endpoint_from_entry
+from mesh.config import ConsulDiscoverySettings, ConsulSettings
+from mesh.consul import ConsulAgent, ConsulDiscovery, ConsulUnavailable, endpoint_from_entry
 from mesh.discovery import Endpoint
+
+from ..consul_fake import FakeConsul
 
 
 class Log:
@@ -184,3 +186,18 @@ async def test_passes_connect_tags_and_wait(autojump_clock: trio.testing.MockClo
     disco.watch("api")
     await run_for(disco, 1)
     assert received[0] == {"connect": connect, "tags": ["v2", "blue"], "index": 0, "wait": 30.0}
+
+
+async def test_the_agent_client_sends_the_acl_token_and_reports_a_bad_one() -> None:
+    with FakeConsul(acl_token="s3cret") as fake:
+        good = ConsulAgent(ConsulSettings(address=fake.address, token="s3cret"))
+        await good.register_service(name="api", service_id="api-1", address="127.0.0.1", port=15000)
+        index, entries = await good.health("api", connect=False, tags=[], index=0, wait=1)
+        assert index >= 1 and [endpoint_from_entry(e) for e in entries] == [Endpoint("127.0.0.1", 15000)]
+        bad = ConsulAgent(ConsulSettings(address=fake.address, token="wrong"))
+        with pytest.raises(ConsulUnavailable) as refused:
+            await bad.health("api", connect=False, tags=[], index=0, wait=1)
+        assert refused.value.status == 403 and "s3cret" not in refused.value.reason
+        fake.fault = "refuse"
+        with pytest.raises(ConsulUnavailable, match="agent unreachable"):
+            await good.health("api", connect=False, tags=[], index=0, wait=1)
