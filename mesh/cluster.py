@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import errno
 import select
-import socket
 from typing import Any
 
 import trio
@@ -27,7 +25,7 @@ from mesh.metrics import Metrics
 from mesh.outlier import OutlierDetector
 from mesh.pool import IdlePool
 from mesh.retry import LatencyWindow, RetryBudget, RetryPolicy
-from mesh.stream import open_socket
+from mesh.stream import connect_failure, open_socket
 from mesh.timers import INF
 from mesh.transport import Stream, UpstreamTls, secure
 from mesh.watch import Watch
@@ -265,11 +263,4 @@ class Cluster:
 
 
 def _connect_error(exc: OSError) -> MeshError:
-    root = exc
-    while root.errno is None and isinstance(root.__cause__, OSError):
-        root = root.__cause__
-    if root.errno == errno.ECONNREFUSED:
-        return MeshError(502, "upstream connect refused")
-    if isinstance(exc, socket.gaierror):
-        return MeshError(502, f"upstream name resolution failed: {exc.strerror or exc}")
-    return MeshError(502, f"upstream connect failed: {exc.strerror or exc}")
+    return MeshError(502, f"upstream {connect_failure(exc)}")

@@ -275,6 +275,16 @@ def _endpoint_from_string(value: object) -> object:
     return {"address": value} if isinstance(value, str) else value
 
 
+def _check_http_path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or any(c in value for c in " \r\n\t"):
+        raise ValueError(f"an HTTP path must start with '/' and contain no whitespace (got {_show(value)})")
+    return value
+
+
+HttpPath = Annotated[str, BeforeValidator(_check_http_path)]
+"""A request path for a health check, e.g. /healthz."""
+
+
 # --- models ---
 
 
@@ -449,18 +459,11 @@ class HealthCheckSettings(_Model):
 
     interval: Duration = Field(10.0, description="Time between probes of one endpoint.")
     timeout: Duration = Field(1.0, description="A probe not answered in this time fails.")
-    http_path: str | None = Field(
+    http_path: HttpPath | None = Field(
         None, description="Probe with GET on this path (2xx passes); null probes with a TCP (and TLS) connect."
     )
     unhealthy_threshold: int = Field(3, ge=1, description="Failed probes in a row that mark an endpoint unhealthy.")
     healthy_threshold: int = Field(2, ge=1, description="Passed probes in a row that mark it healthy again.")
-
-    @field_validator("http_path")
-    @classmethod
-    def _path(cls, value: str | None) -> str | None:
-        if value is not None and (not value.startswith("/") or any(c in value for c in " \r\n\t")):
-            raise ValueError(f"http_path must start with '/' and contain no whitespace (got {value!r})")
-        return value
 
 
 class ServiceSettings(_Model):
@@ -785,18 +788,11 @@ IDENTITY_REQUIRED = (
 class AppHealthSettings(_Model):
     """How the sidecar checks its local application before it tells Consul the service is healthy."""
 
-    http_path: str | None = Field(
+    http_path: HttpPath | None = Field(
         None, description="GET this path on the application (a 2xx passes); null: a TCP connect to `service.app`."
     )
     interval: Duration = Field(10.0, description="Time between checks; each passing check refreshes the TTL.")
     timeout: Duration = Field(2.0, description="A check not answered in this time fails.")
-
-    @field_validator("http_path")
-    @classmethod
-    def _path(cls, value: str | None) -> str | None:
-        if value is not None and (not value.startswith("/") or any(c in value for c in " \r\n\t")):
-            raise ValueError(f"http_path must start with '/' and contain no whitespace (got {value!r})")
-        return value
 
 
 class RegistrationSettings(_Model):

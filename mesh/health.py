@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import errno
-import os
 import random
-import socket
 from collections.abc import Awaitable, Callable, Container, Sequence
 from typing import Any, Protocol
 
@@ -15,7 +12,7 @@ from mesh import log as mesh_log
 from mesh.discovery import Endpoint, EndpointSet
 from mesh.errors import MeshError
 from mesh.http1 import ProtocolError, ResponseHead, ResponseReader, request_head_bytes
-from mesh.stream import open_socket
+from mesh.stream import connect_failure, open_socket
 from mesh.transport import UpstreamTls, secure
 from mesh.watch import Watch
 
@@ -175,7 +172,7 @@ async def _probe(endpoint: Endpoint, path: str | None, tls: UpstreamTls | None, 
     try:
         sock = await open_socket(endpoint.host, endpoint.port)
     except OSError as exc:
-        return _connect_reason(exc)
+        return connect_failure(exc)
     try:
         stream = await secure(sock, tls)  # closes the socket itself when it fails or is cancelled
     except MeshError as exc:
@@ -203,17 +200,6 @@ async def _probe(endpoint: Endpoint, path: str | None, tls: UpstreamTls | None, 
         return "connection lost"
     finally:
         stream.close()
-
-
-def _connect_reason(exc: OSError) -> str:
-    root = exc
-    while root.errno is None and isinstance(root.__cause__, OSError):
-        root = root.__cause__
-    if root.errno == errno.ECONNREFUSED:
-        return "connect refused"
-    if isinstance(exc, socket.gaierror):
-        return f"name resolution failed: {exc.strerror or exc}"
-    return f"connect failed: {os.strerror(root.errno) if root.errno else exc}"
 
 
 # -- the runner --------------------------------------------------------------------------------------------

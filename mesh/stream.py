@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -144,3 +145,16 @@ async def open_socket(host: str, port: int) -> socket.socket:
         trio_sock = (await trio.open_tcp_stream(host, port)).socket
         return socket.socket(trio_sock.family, trio_sock.type, trio_sock.proto, fileno=trio_sock.detach())
     return await connect_socket(host, port, family)
+
+
+def connect_failure(exc: OSError) -> str:
+    """Why a connect failed, in the words of `x-mesh-error` and the logs: "connect refused",
+    "name resolution failed: ...", or "connect failed: <the kernel's reason>"."""
+    root = exc
+    while root.errno is None and isinstance(root.__cause__, OSError):
+        root = root.__cause__
+    if root.errno == errno.ECONNREFUSED:
+        return "connect refused"
+    if isinstance(exc, socket.gaierror):
+        return f"name resolution failed: {exc.strerror or exc}"
+    return f"connect failed: {os.strerror(root.errno) if root.errno else exc}"
