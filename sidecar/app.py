@@ -10,7 +10,6 @@ from typing import Any
 
 import structlog
 import trio
-from mesh.registration import Registration
 
 from mesh import log as mesh_log
 from mesh.admin import AdminApp
@@ -22,6 +21,7 @@ from mesh.identity import identity_source
 from mesh.listener import Drain, serve_tcp
 from mesh.metrics import Metrics
 from mesh.proxy import HttpProxy, HttpProxySettings
+from mesh.registration import Registration
 from mesh.spiffe import Authorizer, spiffe_id
 from mesh.tcp import TcpProxy
 from mesh.timers import Sweeper
