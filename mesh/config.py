@@ -577,6 +577,8 @@ def _env_path(name: str) -> Path | None:
 class ConsulSettings(_Model):
     """The local Consul agent; the defaults come from Consul's own environment variables."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)  # defaults from the environment
+
     address: Annotated[str, BeforeValidator(_check_consul_address)] = Field(
         default_factory=_consul_address_default,
         description="host:port or http(s)://host:port of the local agent; default $CONSUL_HTTP_ADDR, else "
@@ -910,7 +912,10 @@ def _consul_defaults(cfg: SidecarConfig) -> list[_Problem]:
     try:
         consul = ConsulSettings()
     except ValidationError as exc:
-        return [(("consul", *error["loc"]), f"from the environment: {error['msg']}") for error in exc.errors()]
+        return [
+            (("consul", *error["loc"]), f"from the environment: {error['msg'].removeprefix('Value error, ')}")
+            for error in exc.errors()
+        ]
     object.__setattr__(cfg, "consul", consul)  # the model is frozen; this runs while it is being built
     return []
 

@@ -641,3 +641,47 @@ def test_redact_hides_secret_values_only() -> None:
         "max_idle_per_endpoint": 64,
     }
     assert data["files"]["key_file"] == "key.pem"  # the input is left alone
+
+
+CONSUL_USER = MINIMAL + (
+    "inbound: {bind: 127.0.0.1:15000, tls: off}\n"
+    "upstreams: [{service: api, bind: 127.0.0.1:9001, tls: off}]\n"
+    "discovery: {consul: {}}\n"
+)
+
+
+def test_consul_defaults_come_from_consuls_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "https://10.0.0.5:8501")
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "s3cret")
+    monkeypatch.setenv("CONSUL_CACERT", "/etc/consul/ca.pem")
+    cfg = parse(CONSUL_USER)
+    assert cfg.consul is not None
+    assert (cfg.consul.address, cfg.consul.base_url) == ("https://10.0.0.5:8501", "https://10.0.0.5:8501")
+    assert (cfg.consul.token, cfg.consul.ca_file) == ("s3cret", Path("/etc/consul/ca.pem"))
+    assert redact(dump_config(cfg))["consul"]["token"] == "<redacted>"
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "10.0.0.5:8500")
+    monkeypatch.setenv("CONSUL_HTTP_SSL", "true")
+    assert parse(CONSUL_USER).consul.base_url == "https://10.0.0.5:8500"  # type: ignore[union-attr]
+
+
+def test_a_bad_consul_environment_is_an_error_only_where_consul_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "http://bad:port")
+    assert parse(MINIMAL).consul is None  # not used: the environment is not read
+    with pytest.raises(ConfigError) as caught:
+        parse(CONSUL_USER)
+    assert caught.value.errors == [
+        "sidecar.yaml: consul.address: from the environment: invalid port in 'http://bad:port'"
+    ]
+
+
+def test_registration_needs_an_inbound_and_a_ttl_above_the_interval() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(MINIMAL + "registration: {}\n")
+    assert caught.value.errors == [
+        "sidecar.yaml: registration: needs inbound: the registration advertises the inbound listener"
+    ]
+    with pytest.raises(ConfigError) as caught:
+        parse(CONSUL_USER + "registration: {ttl: 5s, health: {interval: 10s}}\n")
+    assert caught.value.errors == [
+        "sidecar.yaml: registration: ttl must be longer than health.interval, or the check expires between refreshes"
+    ]
