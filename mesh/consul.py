@@ -193,7 +193,6 @@ class ConsulDiscovery:
         self._watches: dict[str, Watch[EndpointSet | None]] = {}
         self._nursery: trio.Nursery | None = None
         self.errors: dict[str, str | None] = {}  # service -> the current error, None while Consul answers
-        self.queries = 0  # blocking queries sent, for the scaling note and tests
 
     def __repr__(self) -> str:
         return f"<ConsulDiscovery {self.agent.address} services={sorted(self._watches)}>"
@@ -226,7 +225,6 @@ class ConsulDiscovery:
         failures = 0
         while True:
             started = trio.current_time()
-            self.queries += 1
             try:
                 new_index, entries = await self.agent.health(
                     service, connect=settings.connect, tags=settings.tags, index=index, wait=settings.wait
