@@ -17,11 +17,11 @@ _TEXT = b"text/plain; charset=utf-8"
 
 
 class AdminApp:
-    """Answers `GET /live`, `/ready`, `/metrics`, `/config`, `/clusters` and `/certs` over HTTP/1.1.
+    """Answers `GET /live`, `/ready`, `/metrics`, `/config`, `/clusters`, `/certs` and `/registration` over HTTP/1.1.
 
     `ready()` returns (ready, reason); `config()` returns the running config with secrets redacted;
-    `clusters()` returns per-cluster endpoint state; `certs()` this sidecar's identity and trust bundle.
-    The admin listener should stay on loopback."""
+    `clusters()` returns per-cluster endpoint state; `certs()` this sidecar's identity and trust bundle;
+    `registration()` its registration in Consul. The admin listener should stay on loopback."""
 
     def __init__(
         self,
@@ -31,12 +31,14 @@ class AdminApp:
         config: Callable[[], dict[str, Any]],
         clusters: Callable[[], dict[str, Any]],
         certs: Callable[[], dict[str, Any]],
+        registration: Callable[[], dict[str, Any]] = lambda: {"registered": False, "reason": "not configured"},
     ) -> None:
         self.metrics = metrics
         self.ready = ready
         self.config = config
         self.clusters = clusters
         self.certs = certs
+        self.registration = registration
 
     def respond(self, method: bytes, target: bytes) -> tuple[int, bytes, bytes]:
         """(status, content type, body) for one request; pure, so it is testable without sockets."""
@@ -57,7 +59,9 @@ class AdminApp:
             return 200, _JSON, _json(self.clusters())
         if path == b"/certs":
             return 200, _JSON, _json(self.certs())
-        return 404, _TEXT, b"not found; try /live /ready /metrics /config /clusters /certs\n"
+        if path == b"/registration":
+            return 200, _JSON, _json(self.registration())
+        return 404, _TEXT, b"not found; try /live /ready /metrics /config /clusters /certs /registration\n"
 
     async def handle(self, stream: trio.SocketStream) -> None:
         reader = RequestReader(max_header_bytes=16384, max_header_count=64, max_body_bytes=0)

@@ -173,6 +173,11 @@ class Sidecar:
             return self.identity.ready()
         return True, "ready"
 
+    def registration_state(self) -> dict[str, Any]:
+        if self.registration is None:
+            return {"registered": False, "reason": "not configured (registration: null)"}
+        return self.registration.state()
+
     def certs(self) -> dict[str, Any]:
         if self.identity is None:
             return {"loaded": False, "reason": "no identity configured (every mesh hop is tls: off)"}
@@ -221,6 +226,7 @@ class Sidecar:
             config=lambda: redact(dump_config(config)),
             clusters=self.cluster_state,
             certs=self.certs,
+            registration=self.registration_state,
         )
         admin_drain = Drain()
         async with trio.open_nursery() as background:

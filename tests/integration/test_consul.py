@@ -187,7 +187,8 @@ def test_sidecars_register_find_each_other_carry_mtls_and_deregister_on_sigterm(
 ) -> None:
     app = ScriptedEndpoint(paths={"/healthz": "ok"})
     endpoints.append(app)
-    in_port, out_port = free_port(), free_port()
+    in_port, out_port, admin_port = free_port(), free_port(), free_port()
+    server_admin = f"127.0.0.1:{admin_port}"
     registration = {"health": {"http_path": "/healthz", "interval": "200ms"}, "ttl": "2s", "meta": {"zone": "a"}}
     server = mesh.sidecar(
         sidecar_config(
@@ -196,6 +197,7 @@ def test_sidecars_register_find_each_other_carry_mtls_and_deregister_on_sigterm(
             identity=write_identity(tmp_path / "api", ca.issue("api")),
             consul={"address": consul.address},
             registration=registration,
+            admin={"bind": server_admin},
         ),
         "api",
     )
@@ -212,6 +214,8 @@ def test_sidecars_register_find_each_other_carry_mtls_and_deregister_on_sigterm(
     eventually(lambda: status(out_port) == 200, 5)
     work = [a for a in app.arrivals if a.path == "/"]
     assert work and work[-1].headers["x-mesh-peer-identity"] == "spiffe://mesh.local/ns/default/dc/dc1/svc/web"
+    state = get(f"http://{server_admin}/registration")
+    assert state["registered"] is True and state["app_healthy"] is True  # type: ignore[index]
     services = get(f"http://{consul.address}/v1/agent/services")
     assert set(services) == {f"api-{in_port}", f"api-{in_port}-sidecar-proxy"}  # type: ignore[arg-type]
     assert services[f"api-{in_port}-sidecar-proxy"]["Meta"] == {"zone": "a"}  # type: ignore[index]
