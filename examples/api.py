@@ -6,11 +6,14 @@ GET /         who answered: {"service": "api", "hostname": ..., "time": ...}
 GET /items    a small JSON list
 GET /headers  the request headers exactly as the app received them, to show what the mesh adds
               (x-forwarded-for, x-request-id) and that it removed every x-mesh-* header on the way
+GET /flaky    503 on every other call, to show the caller's sidecar retrying: through the mesh it always
+              answers 200, and the caller's mesh_retries_total counts the retries
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import signal
 import socket
@@ -25,6 +28,9 @@ ITEMS = [
 ]
 
 
+FLAKY_CALLS = itertools.count()  # next() on a count is atomic in CPython: safe across the server's threads
+
+
 class ApiHandler(BaseHTTPRequestHandler):
     server_version = "triomesh-example-api"
     protocol_version = "HTTP/1.1"  # keep-alive, so the sidecar's connection pool has something to reuse
@@ -37,8 +43,14 @@ class ApiHandler(BaseHTTPRequestHandler):
             self.send_json(200, ITEMS)
         elif path == "/headers":
             self.send_json(200, {"service": "api", "headers": dict(self.headers.items())})
+        elif path == "/flaky":
+            if next(FLAKY_CALLS) % 2 == 0:
+                self.send_json(503, {"service": "api", "error": "flaky by design: try again"})
+            else:
+                self.send_json(200, {"service": "api", "flaky": "answered on a retry"})
         else:
-            self.send_json(404, {"error": f"no route for {path}", "routes": ["/", "/items", "/headers"]})
+            routes = ["/", "/items", "/headers", "/flaky"]
+            self.send_json(404, {"error": f"no route for {path}", "routes": routes})
 
     def send_json(self, status: int, body: object) -> None:
         data = json.dumps(body, indent=2).encode() + b"\n"

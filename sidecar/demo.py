@@ -401,6 +401,7 @@ def _instructions(r: Rendered) -> str:
         ("web app", f"curl -s http://127.0.0.1:{web_app}/", "web calls api through its sidecar"),
         ("through mesh", f"curl -s http://127.0.0.1:{out}/items", "web's sidecar → api's sidecar → api"),
         ("", f"curl -s http://127.0.0.1:{out}/headers", "what api received, x-mesh-peer-identity included"),
+        ("retries", f"curl -s http://127.0.0.1:{out}/flaky", "api fails every other call; the caller sees 200"),
     ]
     if web_in is not None:
         rows.append(("mTLS only", f"curl -s http://127.0.0.1:{web_in}/", "refused: peers need a mesh certificate"))
@@ -408,6 +409,7 @@ def _instructions(r: Rendered) -> str:
     rows += [
         ("api app", f"curl -s http://127.0.0.1:{api_app}/items", "plain, no mesh"),
         ("admin", f"curl -s http://127.0.0.1:{web_admin}{requests}", "web's sidecar"),
+        ("", f"curl -s http://127.0.0.1:{web_admin}/metrics | grep mesh_retries", "the retries web's sidecar made"),
         ("", f"curl -s http://127.0.0.1:{web_admin}/clusters", "web's sidecar's view of api"),
         ("", f"curl -s http://127.0.0.1:{web_admin}/certs", "web's identity, expiry and trust bundle"),
         ("", f"curl -s http://127.0.0.1:{api_admin}{requests}", "api's sidecar"),

@@ -182,6 +182,13 @@ def test_demo_serves_through_the_mesh_and_stops_cleanly_on_ctrl_c(demo: tuple[De
     made_by_the_mesh = {"x-request-id", "x-forwarded-for"}
     assert {name.lower() for name in seen["headers"]} >= made_by_the_mesh
 
+    # api's /flaky fails every other call; through the mesh each call succeeds, the failures retried
+    flaky = [get(running.url("retries", "/flaky"))[0] for _ in range(4)]
+    assert flaky == [200] * 4
+    with _opener.open(f"http://127.0.0.1:{base + PORT_COUNT - 2}/metrics", timeout=10) as response:
+        retries = [line for line in response.read().decode().splitlines() if line.startswith("mesh_retries_total")]
+    assert retries and retries[0].startswith('mesh_retries_total{reason="status_503",upstream="api"}')
+
     # the web app calls api through its own sidecar
     status, _, page = get(running.url("web app", "/"))
     assert status == 200 and isinstance(page, dict)
