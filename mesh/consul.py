@@ -78,6 +78,10 @@ class ConsulAgent:
             raise ConsulUnavailable(f"agent error: {text}", _status(exc)) from None
         except requests.Timeout:
             raise ConsulUnavailable("agent timed out") from None
+        except requests.exceptions.SSLError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise ConsulUnavailable("agent TLS certificate not trusted (check consul.ca_file)") from None
+            raise ConsulUnavailable("agent TLS handshake failed") from None
         except requests.ConnectionError as exc:
             raise ConsulUnavailable(f"agent unreachable: {_root_reason(exc)}") from None
         except (requests.RequestException, ValueError) as exc:  # ValueError: a body that is not JSON

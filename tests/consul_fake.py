@@ -1,7 +1,8 @@
 """A stateful fake Consul agent that speaks Consul's documented HTTP API, for tests (no Consul binary can run here).
 
 It models one `consul agent -dev` (server and client in one process, one node, no data dir): sidecar processes talk to
-it over real HTTP/1.1 on 127.0.0.1, and tests steer it through the Python API or `PUT /_fake/...`.
+it over real HTTP/1.1 on 127.0.0.1 (HTTPS when given `tls=`), and tests steer it through the Python API or
+`PUT /_fake/...`.
 
 Covered (Consul's field names and casing; error statuses and bodies follow Consul's):
 - `PUT /v1/agent/service/register` (PascalCase or snake_case keys, matched case-insensitively as Consul does; `Check`,
@@ -55,6 +56,7 @@ import json
 import random
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -228,6 +230,13 @@ def _go_bool(query: dict[str, list[str]], name: str) -> bool:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     fake: FakeConsul
+    tls: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.tls is not None:  # the handshake runs in the connection's thread, on its first read
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # a client that went away is not news
         pass
@@ -269,9 +278,11 @@ class FakeConsul:
         *,
         clock: Callable[[], float] = time.monotonic,
         min_deregister_critical: float = 60.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.node, self.node_address, self.datacenter, self.acl_token = node, address, datacenter, acl_token
         self.min_deregister_critical = min_deregister_critical
+        self.tls = tls  # a server context: the agent then speaks HTTPS (as with Consul's `ports.https`)
         self.requests = RequestLog()
         self._clock, self._offset = clock, 0.0
         self._cond = threading.Condition()
@@ -323,7 +334,7 @@ class FakeConsul:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{'https' if self.tls else 'http'}://{self.address}"
 
     @property
     def index(self) -> int:
@@ -671,6 +682,7 @@ class FakeConsul:
     def _listen(self, port: int) -> None:
         server = _Server(("127.0.0.1", port), _Handler)
         server.fake = self
+        server.tls = self.tls
         self._server, self._port = server, server.server_address[1]
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
+import ssl
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from mesh.config import ConsulDiscoverySettings, ConsulSettings
 from mesh.consul import ConsulAgent, ConsulDiscovery, ConsulUnavailable, endpoint_from_entry
@@ -201,3 +209,42 @@ async def test_the_agent_client_sends_the_acl_token_and_reports_a_bad_one() -> N
         fake.fault = "refuse"
         with pytest.raises(ConsulUnavailable, match="agent unreachable"):
             await good.health("api", connect=False, tags=[], index=0, wait=1)
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (an IP SAN, as an agent's `https` listener needs) and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "consul-agent")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "agent.pem", tmp_path / "agent.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+async def test_an_https_agent_is_verified_with_consul_ca_file(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    with FakeConsul(tls=server) as fake:
+        trusting = ConsulAgent(ConsulSettings(address=fake.url, ca_file=cert))
+        index, entries = await trusting.health("api", connect=True, tags=[], index=0, wait=1)
+        assert index >= 1 and entries == []
+        untrusting = ConsulAgent(ConsulSettings(address=fake.url))  # the system's CAs do not know this agent
+        with pytest.raises(ConsulUnavailable) as refused:
+            await untrusting.health("api", connect=True, tags=[], index=0, wait=1)
+        assert refused.value.reason == "agent TLS certificate not trusted (check consul.ca_file)"
