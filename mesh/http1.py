@@ -36,6 +36,10 @@ class ProtocolError(Exception):
         self.reason = reason
 
 
+class Http2Preface(ProtocolError):
+    """The client opened with the HTTP/2 connection preface (prior knowledge) on an HTTP/1.1 listener."""
+
+
 @dataclass(slots=True)
 class RequestHead:
     """A validated request head. `headers` are the end-to-end headers (lower-case names, hop-by-hop and
@@ -222,6 +226,8 @@ class _Reader:
         except httptools.HttpParserUpgrade as exc:
             self.upgraded_data = data[exc.args[0] :]
         except httptools.HttpParserError as exc:
+            if "Pause on PRI" in str(exc) and self._error_status == 400:  # llhttp stops at the HTTP/2 preface
+                raise Http2Preface(505, "this listener speaks HTTP/1.1 only (HTTP/2 is not served here yet)") from None
             if "Invalid `Transfer-Encoding`" in str(exc) and self._error_status == 400:
                 raise ProtocolError(501, "unsupported Transfer-Encoding (only 'chunked' is accepted)") from None
             raise ProtocolError(self._error_status, f"malformed HTTP/1.1: {exc}") from None

@@ -9,6 +9,7 @@ from random import getrandbits
 
 import structlog
 import trio
+from h2.errors import ErrorCodes
 
 from mesh import http1
 from mesh.cluster import Cluster, UpstreamConnection
@@ -23,7 +24,17 @@ from mesh.deadline import (
 )
 from mesh.discovery import Endpoint
 from mesh.errors import DEADLINE_EXPIRED, REQUEST_TIMEOUT, MeshError
-from mesh.http1 import END, ProtocolError, RequestHead, RequestReader, ResponseHead, ResponseReader, Trailers
+from mesh.http1 import (
+    END,
+    Http2Preface,
+    ProtocolError,
+    RequestHead,
+    RequestReader,
+    ResponseHead,
+    ResponseReader,
+    Trailers,
+)
+from mesh.http2 import H2Limits, H2Session
 from mesh.listener import Drain
 from mesh.log import AccessLog
 from mesh.metrics import Metrics
@@ -190,6 +201,10 @@ class _Downstream:
         while True:
             try:
                 head = await self._next_head()
+            except Http2Preface as exc:
+                self._rejected(exc)
+                await self._refuse_http2(exc.reason)
+                return
             except ProtocolError as exc:
                 self._rejected(exc)
                 await self._send_error(exc.status, exc.reason, close=True)
@@ -990,6 +1005,17 @@ class _Downstream:
         self.waiting_for = _STALL
         self.deadline = trio.current_time() + self.timeouts.idle
         return await self._send_error(status, reason, close=not keep_alive) and keep_alive
+
+    async def _refuse_http2(self, reason: str) -> None:
+        """Answer an HTTP/2 client in its own protocol: SETTINGS, then GOAWAY HTTP_1_1_REQUIRED with the reason,
+        which tells it to come back over HTTP/1.1 (an HTTP/1.1 error page would be garbage to it)."""
+        session = H2Session(client_side=False, limits=H2Limits(), clock=trio.current_time)
+        data = session.initiate()
+        session.goaway(ErrorCodes.HTTP_1_1_REQUIRED, reason)
+        try:
+            await self.stream.send_all(data + session.data_to_send())
+        except _STREAM_ERRORS:
+            pass
 
     async def _send_error(self, status: int, reason: str, *, close: bool) -> bool:
         """Send a response the mesh makes itself, with `x-mesh-error`; False if the client is gone."""

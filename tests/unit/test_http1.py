@@ -7,7 +7,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh import http1
-from mesh.http1 import END, ProtocolError, RequestHead, RequestReader, ResponseHead, ResponseReader, Trailers
+from mesh.http1 import (
+    END,
+    Http2Preface,
+    ProtocolError,
+    RequestHead,
+    RequestReader,
+    ResponseHead,
+    ResponseReader,
+    Trailers,
+)
 
 
 def parse_request(data: bytes, **limits: int) -> list[object]:
@@ -214,3 +223,10 @@ def test_chunked_round_trip_in_any_split(pieces: list[bytes], split: int) -> Non
         events.append(event)
     assert b"".join(e for e in events if isinstance(e, bytes)) == b"".join(pieces)
     assert events[-1] is END
+
+
+def test_the_http2_preface_is_recognised_not_taken_for_a_broken_http1_request() -> None:
+    reader = RequestReader(max_header_bytes=65536, max_header_count=100, max_body_bytes=None)
+    with pytest.raises(Http2Preface) as caught:
+        reader.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    assert "HTTP/1.1 only" in caught.value.reason
