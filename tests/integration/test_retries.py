@@ -235,8 +235,8 @@ def test_hedging_sends_a_slow_get_to_a_second_endpoint_and_takes_the_first_answe
         line.split('outcome="')[1].split('"')[0]: float(line.split()[-1])
         for line in metric_lines(admin, "mesh_hedges_total")
     }
-    assert hedges["sent"] == slow.count() >= 1
-    assert hedges["won"] == hedges["sent"]
+    assert hedges["sent"] >= 1 and hedges["won"] >= 1  # the GETs that went to the slow endpoint first were hedged
+    assert slow.count() + fast.count() <= 4 + hedges["sent"]  # nothing arrived but the tries and their hedges
 
 
 def test_a_post_is_never_hedged(mesh, endpoints) -> None:
