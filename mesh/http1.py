@@ -227,7 +227,7 @@ class _Reader:
             self.upgraded_data = data[exc.args[0] :]
         except httptools.HttpParserError as exc:
             if "Pause on PRI" in str(exc) and self._error_status == 400:  # llhttp stops at the HTTP/2 preface
-                raise Http2Preface(505, "this listener speaks HTTP/1.1 only (HTTP/2 is not served here yet)") from None
+                raise Http2Preface(505, "HTTP/2 over TLS is not served yet: use HTTP/1.1 on this listener") from None
             if "Invalid `Transfer-Encoding`" in str(exc) and self._error_status == 400:
                 raise ProtocolError(501, "unsupported Transfer-Encoding (only 'chunked' is accepted)") from None
             raise ProtocolError(self._error_status, f"malformed HTTP/1.1: {exc}") from None

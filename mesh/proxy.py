@@ -45,6 +45,8 @@ from mesh.transport import Accepted, Acceptor, PlainAccept
 
 log = structlog.get_logger("mesh.proxy")
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
 READ_SIZE = 65536
 _EMPTY_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -104,12 +106,40 @@ class HttpProxy:
         accepted = await self.acceptor.accept(stream)
         if accepted is None:
             return  # refused at the TLS handshake; the acceptor logged why
+        initial = b""
+        if accepted.peer_identity is None:  # plaintext: the client may speak HTTP/2 with prior knowledge
+            initial = await self._first_bytes(accepted.stream)
+            if initial is None:
+                accepted.stream.close()
+                return
         self.metrics.connection_opened(self.settings.direction, self.settings.upstream)
         try:
-            await _Downstream(self, accepted).serve()
+            if initial.startswith(H2_PREFACE):
+                from mesh.h2proxy import H2Downstream
+
+                await H2Downstream(self, accepted, initial).serve()
+                return
+            await _Downstream(self, accepted, initial).serve()
         finally:
             accepted.stream.close()
             self.metrics.connection_closed(self.settings.direction, self.settings.upstream)
+
+    async def _first_bytes(self, stream: trio.abc.Stream) -> bytes | None:
+        """The client's first bytes, enough to tell the HTTP/2 preface from HTTP/1.1; None if it sent nothing
+        within the request-header timeout or closed."""
+        data = b""
+        with trio.move_on_after(self.settings.timeouts.request_headers):
+            try:
+                while True:
+                    chunk = await stream.receive_some(READ_SIZE)
+                    if not chunk:
+                        return data or None
+                    data += chunk
+                    if len(data) >= len(H2_PREFACE) or not H2_PREFACE.startswith(data):
+                        return data
+            except _STREAM_ERRORS:
+                return None
+        return data or None
 
 
 class _Exchange:
@@ -148,6 +178,7 @@ class _Downstream:
         "exchange",
         "limits",
         "peer_ip",
+        "pending",
         "proxy",
         "reader",
         "stream",
@@ -157,7 +188,8 @@ class _Downstream:
         "waiting_for",
     )
 
-    def __init__(self, proxy: HttpProxy, accepted: Accepted) -> None:
+    def __init__(self, proxy: HttpProxy, accepted: Accepted, initial: bytes = b"") -> None:
+        self.pending = initial  # bytes already read from the client (protocol detection), parsed first
         self.proxy = proxy
         self.stream = stream = accepted.stream
         self.accepted = accepted
@@ -269,7 +301,10 @@ class _Downstream:
             if not in_head:
                 drain.idle(self)
             try:
-                data = await self.stream.receive_some(READ_SIZE)
+                if self.pending:
+                    data, self.pending = self.pending, b""
+                else:
+                    data = await self.stream.receive_some(READ_SIZE)
             except _STREAM_ERRORS:
                 return None
             finally:
@@ -850,7 +885,6 @@ class _Downstream:
             if head.method != b"HEAD":
                 conn.reader = reader
         upstream = conn.stream
-        downstream = self.stream
         received = 0
         while True:
             event = reader.next_event()
@@ -880,7 +914,7 @@ class _Downstream:
                 raise MeshError(502, "invalid response from upstream")
             if event.informational:
                 if informational and not head.http10:
-                    await downstream.send_all(http1.response_head_bytes(event.status, event.reason, event.headers))
+                    await self._send_informational(event)
                 continue
             break
         ex.status = event.status
@@ -1005,6 +1039,10 @@ class _Downstream:
         self.waiting_for = _STALL
         self.deadline = trio.current_time() + self.timeouts.idle
         return await self._send_error(status, reason, close=not keep_alive) and keep_alive
+
+    async def _send_informational(self, event: ResponseHead) -> None:
+        """Pass a 1xx head (e.g. 100 Continue) on to the client."""
+        await self.stream.send_all(http1.response_head_bytes(event.status, event.reason, event.headers))
 
     async def _refuse_http2(self, reason: str) -> None:
         """Answer an HTTP/2 client in its own protocol: SETTINGS, then GOAWAY HTTP_1_1_REQUIRED with the reason,

@@ -6,10 +6,6 @@ import hashlib
 import json
 import socket
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
 import pytest
 from websockets.sync.client import connect as ws_connect
 
@@ -121,19 +117,3 @@ def test_connect_is_refused_with_405(port: int, backend) -> None:
     raw = raw_exchange(port, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
     assert status_of(raw) == 405
     assert backend_stats(backend["http"])["requests"] == before
-
-
-def test_an_http2_prior_knowledge_client_is_told_to_use_http1_in_http2(http_pair) -> None:
-    port, _ = http_pair
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "t")], True)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(client.data_to_send())
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
-    events = client.receive_data(received)
-    (terminated,) = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
-    assert terminated.error_code == h2.errors.ErrorCodes.HTTP_1_1_REQUIRED
-    assert b"HTTP/1.1 only" in (terminated.additional_data or b"")
