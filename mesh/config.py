@@ -285,6 +285,12 @@ HttpPath = Annotated[str, BeforeValidator(_check_http_path)]
 """A request path for a health check, e.g. /healthz."""
 
 
+def _from_config_dir(path: Path, info: ValidationInfo) -> Path:
+    """A path from a config file, made absolute: relative paths are taken from the config file's directory."""
+    base_dir = (info.context or {}).get("base_dir", Path.cwd())
+    return Path(os.path.abspath(Path(base_dir) / path))
+
+
 # --- models ---
 
 
@@ -602,10 +608,7 @@ class ConsulSettings(_Model):
     @field_validator("ca_file", "token_file")
     @classmethod
     def _resolve(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        if path is None:
-            return None
-        base_dir = (info.context or {}).get("base_dir", Path.cwd())
-        return Path(os.path.abspath(Path(base_dir) / path))
+        return None if path is None else _from_config_dir(path, info)
 
     @property
     def base_url(self) -> str:
@@ -651,10 +654,7 @@ class DiscoverySettings(_Model):
     @field_validator("file")
     @classmethod
     def _resolve_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        if path is None:
-            return None
-        base_dir = (info.context or {}).get("base_dir", Path.cwd())
-        return Path(os.path.abspath(Path(base_dir) / path))
+        return None if path is None else _from_config_dir(path, info)
 
     @model_validator(mode="after")
     def _one_source(self) -> DiscoverySettings:
@@ -673,8 +673,7 @@ class IdentityFiles(_Model):
     @field_validator("cert", "key", "bundle")
     @classmethod
     def _resolve(cls, path: Path, info: ValidationInfo) -> Path:
-        base_dir = (info.context or {}).get("base_dir", Path.cwd())
-        return Path(os.path.abspath(Path(base_dir) / path))
+        return _from_config_dir(path, info)
 
 
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
@@ -733,10 +732,7 @@ class IdentityFromCA(_Model):
     @field_validator("token_file", "bundle")
     @classmethod
     def _resolve(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        if path is None:
-            return None
-        base_dir = (info.context or {}).get("base_dir", Path.cwd())
-        return Path(os.path.abspath(Path(base_dir) / path))
+        return None if path is None else _from_config_dir(path, info)
 
     @model_validator(mode="after")
     def _one_trust_anchor(self) -> IdentityFromCA:

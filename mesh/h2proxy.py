@@ -25,7 +25,17 @@ from mesh.http2 import (
     WindowOpened,
     to_http1_headers,
 )
-from mesh.proxy import _STALL, _STREAM_ERRORS, READ_SIZE, DownstreamGone, HttpProxy, _BodyPump, _Downstream, _Exchange
+from mesh.proxy import (
+    _STALL,
+    _STREAM_ERRORS,
+    READ_SIZE,
+    DownstreamGone,
+    HttpProxy,
+    _BodyPump,
+    _Downstream,
+    _Exchange,
+    _read_more,
+)
 from mesh.timers import INF
 from mesh.transport import Accepted
 
@@ -339,14 +349,7 @@ class _H2Stream(_Downstream):
             if event is None:
                 self.deadline = trio.current_time() + idle
                 try:
-                    data = await upstream.receive_some(READ_SIZE)
-                except _STREAM_ERRORS:
-                    data = b""
-                try:
-                    if data:
-                        reader.feed(data)
-                    else:
-                        reader.feed_eof()
+                    await _read_more(reader, upstream)
                 except ProtocolError as exc:
                     conn.close()
                     h2.session.reset(self.stream_id, ErrorCodes.INTERNAL_ERROR)  # a cut response is never complete

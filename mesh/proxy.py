@@ -41,7 +41,7 @@ from mesh.metrics import Metrics
 from mesh.retry import CONNECT_FAILURE, IDEMPOTENT, PER_TRY_TIMEOUT, RESET, STATUS, RetryPolicy, parse_retry_after
 from mesh.tcp import splice
 from mesh.timers import INF, Sweeper
-from mesh.transport import Accepted, Acceptor, PlainAccept
+from mesh.transport import Accepted, Acceptor, PlainAccept, Stream
 
 log = structlog.get_logger("mesh.proxy")
 
@@ -964,14 +964,7 @@ class _Downstream:
                     out = []
                 self.deadline = trio.current_time() + idle
                 try:
-                    data = await upstream.receive_some(READ_SIZE)
-                except _STREAM_ERRORS:
-                    data = b""
-                try:
-                    if data:
-                        reader.feed(data)
-                    else:
-                        reader.feed_eof()
+                    await _read_more(reader, upstream)
                 except ProtocolError as exc:
                     conn.close()
                     raise MeshError(502, exc.reason) from None
@@ -1063,6 +1056,19 @@ class _Downstream:
         except _STREAM_ERRORS:
             return False
         return True
+
+
+async def _read_more(reader: ResponseReader, upstream: Stream) -> None:
+    """Feed the next piece of an upstream response into `reader`; a failed read is an EOF (ProtocolError if the
+    response was not complete)."""
+    try:
+        data = await upstream.receive_some(READ_SIZE)
+    except _STREAM_ERRORS:
+        data = b""
+    if data:
+        reader.feed(data)
+    else:
+        reader.feed_eof()
 
 
 class _TryFailed(Exception):
