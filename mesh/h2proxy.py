@@ -59,7 +59,11 @@ class H2Downstream:
         self.streams: dict[int, _H2Stream] = {}
         self._dirty = trio.Event()
         self._window = trio.Event()  # set (and replaced) whenever a send window grows
-        self._done = False
+        self._quiet = trio.Event()  # set by the writer when it has sent everything queued
+        self._streams_done = trio.Event()  # set while no stream is open
+        self._streams_done.set()
+        self._reading = trio.CancelScope()  # the reader loop, ended by a finished drain
+        self._out = b""  # our connection preface, for the writer
         try:
             self.peer_ip = self.stream.socket.getpeername()[0].encode()
         except OSError:
@@ -73,33 +77,37 @@ class H2Downstream:
         self._dirty.set()
 
     async def serve(self) -> None:
-        self.stream_out = self.session.initiate()
+        self._out = self.session.initiate()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self._writer)
             nursery.start_soon(self._drain_watch)
             self._handle(self.session.receive(self.initial))
             idle = self.proxy.settings.timeouts.idle
-            while not self.session.closed:
-                with trio.move_on_after(idle) as scope:
-                    try:
-                        data = await self.stream.receive_some(READ_SIZE)
-                    except _STREAM_ERRORS:
-                        data = b""
-                if scope.cancelled_caught:
-                    if self.streams:
-                        continue
-                    self.session.goaway(ErrorCodes.NO_ERROR, "idle")
-                    break
-                self._handle(self.session.receive(data))
-                if not data:
-                    break
-            self._done = True
+            with self._reading:
+                await self._read(idle)
+            self._quiet = trio.Event()
             self.flush()
-            with trio.move_on_after(1.0):  # let the writer send a final GOAWAY
-                while self.session.outbound_pending and not self.session.closed:
-                    await trio.sleep(0.01)
+            with trio.move_on_after(1.0):  # let the writer send what is queued (the last response, a GOAWAY)
+                await self._quiet.wait()
             nursery.cancel_scope.cancel()
+
+    async def _read(self, idle: float) -> None:
+        """Feed what the client sends into the session until it closes, errs, idles with no stream, or a drain ends."""
+        while not self.session.closed:
+            with trio.move_on_after(idle) as scope:
+                try:
+                    data = await self.stream.receive_some(READ_SIZE)
+                except _STREAM_ERRORS:
+                    data = b""
+            if scope.cancelled_caught:
+                if self.streams:
+                    continue
+                self.session.goaway(ErrorCodes.NO_ERROR, "idle")
+                break
+            self._handle(self.session.receive(data))
+            if not data:
+                break
 
     async def _drain_watch(self) -> None:
         await self.proxy.drain.started.wait()
@@ -109,11 +117,11 @@ class H2Downstream:
         self.session.goaway(ErrorCodes.NO_ERROR, "draining")
         self.flush()
         while self.streams:
-            await trio.sleep(0.05)
-        self.stream.close()  # ends the reader; streams are done
+            await self._streams_done.wait()
+        self._reading.cancel()  # streams are done: stop reading; `serve` sends what is queued and closes
 
     async def _writer(self) -> None:
-        pending = getattr(self, "stream_out", b"")
+        pending, self._out = self._out, b""
         while True:
             data = pending + self.session.data_to_send()
             pending = b""
@@ -125,6 +133,7 @@ class H2Downstream:
                         stream.cancel.cancel()
                     return
                 continue
+            self._quiet.set()
             await self._dirty.wait()
             self._dirty = trio.Event()
 
@@ -184,6 +193,8 @@ class H2Downstream:
         )
         stream = _H2Stream(self, request.stream_id, head)
         self.streams[request.stream_id] = stream
+        if self._streams_done.is_set():
+            self._streams_done = trio.Event()
         if request.end_stream:
             stream.body.push(StreamEnd(request.stream_id))
         self.nursery.start_soon(stream.run)
@@ -278,7 +289,10 @@ class _H2Stream(_Downstream):
             sweeper.discard(self)
             if self.upstream is not None:
                 self.upstream.close()
-            self.conn.streams.pop(self.stream_id, None)
+            conn = self.conn
+            conn.streams.pop(self.stream_id, None)
+            if not conn.streams:
+                conn._streams_done.set()
 
     async def _body_event(self) -> object:
         body = self.body
