@@ -382,15 +382,5 @@ class _H2Stream(_Downstream):
                 ex.tx += len(event)
                 self.deadline = trio.current_time() + idle
                 await h2.send(self.stream_id, event, False)
-        self.deadline = INF
-        if pump is not None and not pump.finished:
-            if pump.body_read:
-                with trio.move_on_after(idle):
-                    await pump.done.wait()
-            if not pump.finished:
-                conn.close()
-                return False
-        reusable = response.keep_alive and not response.until_close and ex.request_done
-        self.upstream = None
-        self.proxy.cluster.release(conn, reusable=reusable)
+        await self._hand_back(head, response, conn, ex, pump)
         return False

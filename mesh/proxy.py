@@ -983,19 +983,30 @@ class _Downstream:
         if out:
             self.deadline = trio.current_time() + idle
             await downstream.send_all(b"".join(out))
+        if not await self._hand_back(head, response, conn, ex, pump):
+            return False
+        return keep_alive and ex.request_done
+
+    async def _hand_back(
+        self, head: RequestHead, response: ResponseHead, conn: UpstreamConnection, ex: _Exchange, pump: _BodyPump | None
+    ) -> bool:
+        """After a complete response: return the upstream connection to the pool if the exchange left it clean,
+        else close it. False if the upstream answered before the request body ended (the client must not reuse
+        its connection either)."""
         self.deadline = INF
         if pump is not None and not pump.finished:
             if pump.body_read:
                 # The whole body came from downstream; its last bytes are being handed to the upstream.
-                with trio.move_on_after(idle):
+                with trio.move_on_after(self.timeouts.idle):
                     await pump.done.wait()
             if not pump.finished:  # the upstream answered before the request body ended
+                self.upstream = None
                 conn.close()
                 return False
         reusable = response.keep_alive and not response.until_close and ex.request_done and head.upgrade is None
         self.upstream = None
-        proxy.cluster.release(conn, reusable=reusable)
-        return keep_alive and ex.request_done
+        self.proxy.cluster.release(conn, reusable=reusable)
+        return True
 
     async def _upgraded(
         self, head: RequestHead, response: ResponseHead, reader: ResponseReader, conn: UpstreamConnection, ex: _Exchange
