@@ -4,13 +4,16 @@ Run as `python backend.py`; prints one JSON line with its ports, then serves unt
 HTTP routes (all count towards GET /__stats, which itself is not counted):
   /echo            body echoed back (streamed; chunked if the request was)
   /headers         the request head as JSON
-  /bytes?n=N       N bytes streamed in 64 KiB pieces (Content-Length)
+  /bytes?n=N       N bytes streamed in 64 KiB pieces (Content-Length); with &key=K the progress is kept in
+                   stats["streamed"][K]: bytes handed to the socket so far and state streaming/complete/aborted
   /consume         reads the body, answers its length and sha256
   /slow?s=S        waits S seconds, then answers "slow done"
   /trailers        chunked response with a trailer `x-checksum`
   /status?code=C   answers status C
   /truncate        promises 100000 bytes, sends 10, closes
   /close           answers, then closes the connection
+  /hold?key=K      waits until /release?key=K (stats["held"][K]: arrived, stats["holding"][K]: waiting now)
+  /release?key=K   lets every /hold of K answer "released", now and later
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import h11
 import trio
 from websockets.sync.server import serve as ws_serve
 
-STATS = {"requests": 0, "connections": 0, "paths": []}
+STATS = {"requests": 0, "connections": 0, "paths": [], "streamed": {}, "held": {}, "holding": {}}
+RELEASES: dict[str, trio.Event] = {}
 
 
 async def _send(stream: trio.SocketStream, conn: h11.Connection, event: object) -> None:
@@ -111,12 +115,21 @@ async def route(stream, conn, req: h11.Request) -> bool:
     if path == "/bytes":
         await _drain_body(stream, conn)
         n = int(query.get("n", "0"))
+        progress = {"sent": 0, "state": "streaming"}
+        if "key" in query:
+            STATS["streamed"][query["key"]] = progress
         await _send(stream, conn, h11.Response(status_code=200, headers=[("content-length", str(n))]))
         piece = b"x" * 65536
-        while n > 0 and req.method != b"HEAD":
-            await _send(stream, conn, h11.Data(data=piece[: min(n, 65536)]))
-            n -= 65536
-        await _send(stream, conn, h11.EndOfMessage())
+        try:
+            while n > 0 and req.method != b"HEAD":
+                await _send(stream, conn, h11.Data(data=piece[: min(n, 65536)]))
+                progress["sent"] += min(n, 65536)
+                n -= 65536
+            await _send(stream, conn, h11.EndOfMessage())
+        except BaseException:
+            progress["state"] = "aborted"
+            raise
+        progress["state"] = "complete"
         return True
     if path == "/consume":
         digest = hashlib.sha256()
@@ -135,6 +148,22 @@ async def route(stream, conn, req: h11.Request) -> bool:
         await _drain_body(stream, conn)
         await trio.sleep(float(query.get("s", "1")))
         await _respond(stream, conn, 200, b"slow done")
+        return True
+    if path == "/hold":
+        await _drain_body(stream, conn)
+        key = query.get("key", "")
+        STATS["held"][key] = STATS["held"].get(key, 0) + 1
+        STATS["holding"][key] = STATS["holding"].get(key, 0) + 1
+        try:
+            await RELEASES.setdefault(key, trio.Event()).wait()
+        finally:
+            STATS["holding"][key] -= 1
+        await _respond(stream, conn, 200, b"released")
+        return True
+    if path == "/release":
+        await _drain_body(stream, conn)
+        RELEASES.setdefault(query.get("key", ""), trio.Event()).set()
+        await _respond(stream, conn, 200, b"released")
         return True
     if path == "/trailers":
         await _drain_body(stream, conn)
