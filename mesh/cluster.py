@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import select
+from functools import partial
 from typing import Any
 
 import trio
@@ -20,6 +21,7 @@ from mesh.config import (
 )
 from mesh.discovery import Endpoint, EndpointSet
 from mesh.errors import CONNECT_TIMEOUT, MeshError, no_endpoints
+from mesh.h2upstream import H2Connection, H2Exchange, H2Pool
 from mesh.health import HealthTracker, run_health_checks
 from mesh.metrics import Metrics
 from mesh.outlier import OutlierDetector
@@ -32,11 +34,17 @@ from mesh.watch import Watch
 
 _HASH_POLICIES = frozenset({"ring_hash", "maglev"})
 
+# How a cluster speaks HTTP to its endpoints: "http1" only; "auto": HTTP/2 where TLS's ALPN agrees (else
+# HTTP/1.1); "http2": HTTP/2 always (with prior knowledge on plaintext).
+PROTOCOLS = ("http1", "auto", "http2")
+
 
 class UpstreamConnection:
     """One transport connection to an endpoint, owned by whoever holds it (the pool while idle)."""
 
     __slots__ = ("breaker", "endpoint", "fd", "reader", "requests", "stream")
+
+    multiplexed = False  # an HTTP/2 stream (H2Exchange) is never pooled
 
     def __init__(self, stream: Stream, endpoint: Endpoint, breaker: CircuitBreaker) -> None:
         self.stream = stream
@@ -87,8 +95,14 @@ class Cluster:
         retries: RetrySettings | None = None,
         hedging: HedgeSettings | None = None,
         health_check: HealthCheckSettings | None = None,
+        protocol: str = "http1",
     ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}")
         self.name = name
+        self.protocol = protocol
+        self.h2 = H2Pool() if protocol != "http1" else None
+        self._tasks: trio.Nursery | None = None  # runs the HTTP/2 connections (see maintain)
         self.tls = tls
         self.endpoints = endpoints
         self.balancer = make_balancer(balancer, clock=trio.current_time)
@@ -171,7 +185,14 @@ class Cluster:
         if judged and self.outlier is not None:
             self.outlier.record(endpoint, ok)
 
-    def take_idle(self, endpoint: Endpoint) -> UpstreamConnection | None:
+    def take_idle(self, endpoint: Endpoint, *, http1: bool = False) -> UpstreamConnection | H2Exchange | None:
+        """A connection ready for one request: a new stream on an HTTP/2 connection with room, or an idle
+        HTTP/1.1 connection (only those when `http1`: upgrades); None if there is neither."""
+        if self.h2 is not None and not http1:
+            exchange = self.h2.take(endpoint.key)
+            if exchange is not None:
+                self.metrics.upstream_conn(self.name, "reused")
+                return exchange
         conn, to_close, stale = self.pool.take(endpoint.key, trio.current_time())
         for c in to_close:
             c.close()
@@ -181,8 +202,40 @@ class Cluster:
             self.metrics.upstream_conn(self.name, "reused")
         return conn
 
-    async def connect(self, endpoint: Endpoint, *, timeout: float | None) -> UpstreamConnection:
-        """Open a new connection; MeshError 502, or 504 after `timeout` (None: the caller bounds the time)."""
+    async def connect(
+        self, endpoint: Endpoint, *, timeout: float | None, http1: bool = False
+    ) -> UpstreamConnection | H2Exchange:
+        """Open a new connection (HTTP/1.1 only if `http1`); MeshError 502, or 504 after `timeout` (None: the
+        caller bounds the time). To an endpoint that speaks HTTP/2 the result is a stream of a new connection,
+        or of one that another request is opening at the same time."""
+        h2 = self.h2 if not http1 else None
+        if http1 and self.protocol == "http2":
+            raise MeshError(502, "upgrade requests cannot reach an HTTP/2-only upstream")
+        key = endpoint.key
+        if h2 is not None:
+            with trio.move_on_after(INF if timeout is None else timeout) as scope:
+                while (opening := h2.connecting.get(key)) is not None and key in h2.speaks_h2:
+                    await opening.wait()
+                    exchange = h2.take(key)
+                    if exchange is not None:
+                        self.metrics.upstream_conn(self.name, "reused")
+                        return exchange
+            if scope.cancelled_caught:
+                raise CONNECT_TIMEOUT
+        if h2 is not None and key not in h2.connecting:
+            opening = h2.connecting[key] = trio.Event()
+        else:
+            opening = None
+        try:
+            return await self._open(endpoint, timeout, h2)
+        finally:
+            if opening is not None:
+                del h2.connecting[key]
+                opening.set()
+
+    async def _open(
+        self, endpoint: Endpoint, timeout: float | None, h2: H2Pool | None
+    ) -> UpstreamConnection | H2Exchange:
         limit = self.breaker.admit_connection()
         if limit is not None:
             raise MeshError(503, f"circuit open ({limit})")
@@ -194,7 +247,7 @@ class Cluster:
                 except OSError as exc:
                     raise _connect_error(exc) from None
                 try:
-                    stream = await secure(sock, self.tls)
+                    stream = await secure(sock, self.tls, http2=h2 is not None)
                 except BaseException:  # a failed or cancelled handshake: the socket is ours to close
                     trio.lowlevel.notify_closing(sock)
                     sock.close()
@@ -205,26 +258,69 @@ class Cluster:
         finally:
             self.breaker.pending_done(opened=opened)
         self.metrics.upstream_conn(self.name, "opened")
+        if h2 is not None:
+            if self.tls is None:
+                speaks_h2 = self.protocol == "http2"
+            else:
+                speaks_h2 = stream.selected_alpn_protocol() == "h2"  # type: ignore[union-attr]
+                if not speaks_h2 and self.protocol == "http2":
+                    stream.close()
+                    self.breaker.connection_closed()
+                    raise MeshError(502, "upstream did not agree to HTTP/2 (ALPN)")
+            if speaks_h2:
+                h2.speaks_h2.add(endpoint.key)
+                return self._start_h2(stream, endpoint, h2)
+            h2.speaks_h2.discard(endpoint.key)
         return UpstreamConnection(stream, endpoint, self.breaker)
 
-    def release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
-        if not reusable:
+    def _start_h2(self, stream: Stream, endpoint: Endpoint, h2: H2Pool) -> H2Exchange:
+        breaker = self.breaker
+
+        def closed(conn: H2Connection) -> None:
+            h2.remove(conn)
+            breaker.connection_closed()
+
+        conn = H2Connection(
+            stream,
+            endpoint,
+            scheme=b"http" if self.tls is None else b"https",
+            idle_timeout=self.pool.idle_timeout,
+            on_close=closed,
+        )
+        h2.add(endpoint.key, conn)
+        if self._tasks is not None:
+            self._tasks.start_soon(conn.run)
+        else:  # a cluster used without maintain() (tests): the connection still needs its reader
+            trio.lowlevel.spawn_system_task(conn.run)
+        return conn.open()
+
+    def release(self, conn: UpstreamConnection | H2Exchange, *, reusable: bool) -> None:
+        if not reusable or conn.multiplexed:
             conn.close()
             return
         for c in self.pool.put(conn.endpoint.key, conn, trio.current_time()):
             c.close()
 
     async def maintain(self) -> None:
-        """Expire idle connections, drop those to endpoints that left discovery and (if configured) run the
-        active health checks; runs until cancelled."""
-        if self.health is None or self.health_check is None:
-            await self._maintain_pool()
-            return
+        """Run the HTTP/2 connections, expire idle connections, drop those to endpoints that left discovery and
+        (if configured) run the active health checks; runs until cancelled."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._maintain_pool)
-            await run_health_checks(
-                self.health, self.endpoints, settings=self.health_check, tls=self.tls, host_header=self.name
-            )
+            self._tasks = nursery
+            try:
+                if self.health is not None and self.health_check is not None:
+                    nursery.start_soon(
+                        partial(
+                            run_health_checks,
+                            self.health,
+                            self.endpoints,
+                            settings=self.health_check,
+                            tls=self.tls,
+                            host_header=self.name,
+                        )
+                    )
+                await self._maintain_pool()
+            finally:
+                self._tasks = None
 
     def endpoint_state(self, endpoint: Endpoint) -> dict[str, Any]:
         """What the cluster knows about one endpoint, for /clusters; `health` names what keeps it out, if any."""
@@ -254,6 +350,8 @@ class Cluster:
                     keys = {e.key for e in current.endpoints} if current else set()
                     for c in self.pool.drop(keys.__contains__):
                         c.close()
+                    if self.h2 is not None:
+                        self.h2.drain(keys.__contains__)
                 for c in self.pool.expire(trio.current_time()):
                     self.metrics.upstream_conn(self.name, "closed_idle")
                     c.close()

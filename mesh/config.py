@@ -477,7 +477,10 @@ class ServiceSettings(_Model):
 
     name: ServiceName = Field(description="The service's mesh name; peers address it by this name.")
     app: AddressField = Field(description="Where the local application listens (the inbound forwards here).")
-    protocol: Literal["http", "tcp"] = Field("http", description="What the application speaks.")
+    protocol: Literal["http", "http2", "grpc", "tcp"] = Field(
+        "http",
+        description="What the application speaks: http (HTTP/1.1), http2 or grpc (HTTP/2 with prior knowledge), tcp.",
+    )
 
 
 class InboundSettings(_Model):
@@ -505,7 +508,16 @@ class UpstreamSettings(_Model):
 
     service: ServiceName = Field(description="The mesh service this listener leads to.")
     bind: AddressField = Field(description="Local address the application calls for this service.")
-    protocol: Literal["http", "tcp"] = Field("http", description="What the application speaks to the listener.")
+    protocol: Literal["http", "http2", "grpc", "tcp"] = Field(
+        "http",
+        description="What the application speaks to the listener: http, http2 or grpc (HTTP/1.1 and HTTP/2 are both "
+        "accepted on any HTTP listener), or tcp.",
+    )
+    mesh_http2: bool = Field(
+        True,
+        description="Offer HTTP/2 on the mTLS mesh hop (one multiplexed connection per peer); false keeps "
+        "HTTP/1.1 connections. With tls: off the hop is HTTP/2 only for http2 and grpc.",
+    )
     tls: Literal["mutual", "off"] = Field(
         "mutual",
         description="mutual: the mesh hop uses mesh certificates; off: plaintext (local trials only).",

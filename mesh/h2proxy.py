@@ -10,6 +10,7 @@ from h2.errors import ErrorCodes
 
 from mesh import http1
 from mesh.cluster import UpstreamConnection
+from mesh.errors import grpc_error_headers
 from mesh.http1 import END, ProtocolError, RequestHead, ResponseHead, ResponseReader
 from mesh.http2 import (
     ConnectionLost,
@@ -82,7 +83,8 @@ class H2Downstream:
             self.nursery = nursery
             nursery.start_soon(self._writer)
             nursery.start_soon(self._drain_watch)
-            self._handle(self.session.receive(self.initial))
+            if self.initial:  # what protocol detection read (plaintext); over TLS, ALPN chose HTTP/2
+                self._handle(self.session.receive(self.initial))
             idle = self.proxy.settings.timeouts.idle
             with self._reading:
                 await self._read(idle)
@@ -237,6 +239,7 @@ class _H2Body:
             kind = type(event)
             if kind is Data:
                 self.owner.session.acknowledge(event.stream_id, event.flow_controlled_length)
+                self.owner.flush()  # a WINDOW_UPDATE may be due
                 if event.data:
                     return event.data
                 continue
@@ -311,7 +314,9 @@ class _H2Stream(_Downstream):
     async def _send_informational(self, event: ResponseHead) -> None:
         pass  # 1xx heads are not passed on over HTTP/2 (no Expect: 100-continue is forwarded from it)
 
-    async def _send_error(self, status: int, reason: str, *, close: bool) -> bool:
+    async def _send_error(self, status: int, reason: str, *, close: bool, grpc: bool = False) -> bool:
+        if grpc:  # "trailers-only": one HEADERS frame that ends the stream
+            return await self._respond([(b":status", b"200"), *grpc_error_headers(status, reason)], b"")
         body = f"{reason}\n".encode()
         headers: Headers = [
             (b":status", b"%d" % status),

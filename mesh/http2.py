@@ -469,6 +469,13 @@ class H2Session:
             and self._conn.open_outbound_streams < self._conn.remote_settings.max_concurrent_streams
         )
 
+    @property
+    def stream_capacity(self) -> int:
+        """Client side: how many more requests may be started now (0 after a GOAWAY or once closed)."""
+        if self._closed or self._goaway_received_last is not None:
+            return 0
+        return max(0, self._conn.remote_settings.max_concurrent_streams - self._conn.open_outbound_streams)
+
     def window(self, stream_id: int) -> int:
         """How many body bytes `send_data` would take now on `stream_id` (stream and connection windows)."""
         if self._closed or stream_id not in self._streams:

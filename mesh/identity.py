@@ -44,7 +44,8 @@ class Identity:
     fingerprint: str
     roots: tuple[str, ...]  # "subject (sha256 fingerprint)" of each bundle root
     server_context: ssl.SSLContext
-    client_context: ssl.SSLContext
+    client_context: ssl.SSLContext  # ALPN h2 and http/1.1
+    client_context_http1: ssl.SSLContext  # ALPN http/1.1 only: upgrades and opaque TCP
 
     def valid_at(self, now: datetime.datetime) -> bool:
         return self.not_before <= now < self.not_after
@@ -99,6 +100,7 @@ def _build_identity(cert_file: Path, key_file: Path, bundle_file: Path, *, names
     try:
         server_context = tls.server_context(str(cert_file), str(key_file), str(bundle_file))
         client_context = tls.client_context(str(cert_file), str(key_file), str(bundle_file))
+        client_context_http1 = tls.client_context(str(cert_file), str(key_file), str(bundle_file), http2=False)
     except (OSError, ssl.SSLError) as exc:
         raise IdentityError(f"{cert_name}, {key_name}: cannot be used together: {exc}") from None
     return Identity(
@@ -109,6 +111,7 @@ def _build_identity(cert_file: Path, key_file: Path, bundle_file: Path, *, names
         roots=tuple(f"{root.subject.rfc4514_string()} ({_fingerprint(root)})" for root in roots),
         server_context=server_context,
         client_context=client_context,
+        client_context_http1=client_context_http1,
     )
 
 

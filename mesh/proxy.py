@@ -23,7 +23,7 @@ from mesh.deadline import (
     parse_grpc_timeout,
 )
 from mesh.discovery import Endpoint
-from mesh.errors import DEADLINE_EXPIRED, REQUEST_TIMEOUT, MeshError
+from mesh.errors import DEADLINE_EXPIRED, REQUEST_TIMEOUT, MeshError, grpc_error_headers, is_grpc
 from mesh.http1 import (
     END,
     Http2Preface,
@@ -107,14 +107,18 @@ class HttpProxy:
         if accepted is None:
             return  # refused at the TLS handshake; the acceptor logged why
         initial = b""
+        http2 = False
         if accepted.peer_identity is None:  # plaintext: the client may speak HTTP/2 with prior knowledge
             initial = await self._first_bytes(accepted.stream)
             if initial is None:
                 accepted.stream.close()
                 return
+            http2 = initial.startswith(H2_PREFACE)
+        else:  # TLS: ALPN decided
+            http2 = accepted.stream.selected_alpn_protocol() == "h2"  # type: ignore[union-attr]
         self.metrics.connection_opened(self.settings.direction, self.settings.upstream)
         try:
-            if initial.startswith(H2_PREFACE):
+            if http2:
                 from mesh.h2proxy import H2Downstream
 
                 await H2Downstream(self, accepted, initial).serve()
@@ -375,7 +379,7 @@ class _Downstream:
         except ProtocolError as exc:  # the request body broke its framing or a limit mid-stream
             ex.mesh_error = exc.reason
             if not ex.response_started:
-                await self._send_error(exc.status, exc.reason, close=True)
+                await self._send_error(exc.status, exc.reason, close=True, grpc=is_grpc(head.headers))
                 ex.status = exc.status
         except DownstreamGone as exc:
             ex.mesh_error = str(exc)
@@ -776,9 +780,9 @@ class _Downstream:
             ex.rx += len(event)
             body.append(http1.chunk_bytes(event) if chunked else event)
 
-    async def _connect(self, endpoint: Endpoint) -> UpstreamConnection:
+    async def _connect(self, endpoint: Endpoint, http1: bool = False) -> UpstreamConnection:
         try:
-            return await self.proxy.cluster.connect(endpoint, timeout=self.timeouts.connect)
+            return await self.proxy.cluster.connect(endpoint, timeout=self.timeouts.connect, http1=http1)
         except MeshError as exc:
             if exc.status == 503:  # circuit open: a local limit, not a failure of the endpoint
                 raise
@@ -805,11 +809,12 @@ class _Downstream:
         # A pooled connection may have been closed by the upstream in the instant before our write. Such a
         # request is sent once more on a new connection when it is idempotent (Go's and httpcore's rule).
         replayable = head.method in IDEMPOTENT
-        conn = self.proxy.cluster.take_idle(endpoint)
+        http1 = head.upgrade is not None
+        conn = self.proxy.cluster.take_idle(endpoint, http1=http1)
         while True:
             reused = conn is not None
             if conn is None:
-                conn = await self._connect(endpoint)
+                conn = await self._connect(endpoint, http1)
             conn.requests += 1
             self.upstream = conn
             try:
@@ -828,9 +833,10 @@ class _Downstream:
 
     async def _streaming_try(self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: _Exchange) -> bool:
         """Send a request whose body is still arriving, streaming the rest as the response comes back."""
-        conn = self.proxy.cluster.take_idle(endpoint)
+        http1 = head.upgrade is not None
+        conn = self.proxy.cluster.take_idle(endpoint, http1=http1)
         if conn is None:
-            conn = await self._connect(endpoint)
+            conn = await self._connect(endpoint, http1)
         conn.requests += 1
         self.upstream = conn
         return await self._send_streaming(head, data, conn, ex)
@@ -1042,7 +1048,8 @@ class _Downstream:
         ex.response_started = True  # whatever happens next, this request has had its one answer
         self.waiting_for = _STALL
         self.deadline = trio.current_time() + self.timeouts.idle
-        return await self._send_error(status, reason, close=not keep_alive) and keep_alive
+        grpc = is_grpc(head.headers)
+        return await self._send_error(status, reason, close=not keep_alive, grpc=grpc) and keep_alive
 
     async def _send_informational(self, event: ResponseHead) -> None:
         """Pass a 1xx head (e.g. 100 Continue) on to the client."""
@@ -1059,11 +1066,16 @@ class _Downstream:
         except _STREAM_ERRORS:
             pass
 
-    async def _send_error(self, status: int, reason: str, *, close: bool) -> bool:
-        """Send a response the mesh makes itself, with `x-mesh-error`; False if the client is gone."""
-        headers = [(b"x-mesh-error", reason.encode()), (b"content-type", b"text/plain; charset=utf-8")]
+    async def _send_error(self, status: int, reason: str, *, close: bool, grpc: bool = False) -> bool:
+        """Send a response the mesh makes itself, with `x-mesh-error`; False if the client is gone. To a gRPC
+        request: HTTP 200 with `grpc-status` and `grpc-message` (see mesh.errors)."""
+        if grpc:
+            response = http1.simple_response(200, b"", grpc_error_headers(status, reason), close=close)
+        else:
+            headers = [(b"x-mesh-error", reason.encode()), (b"content-type", b"text/plain; charset=utf-8")]
+            response = http1.simple_response(status, f"{reason}\n".encode(), headers, close=close)
         try:
-            await self.stream.send_all(http1.simple_response(status, f"{reason}\n".encode(), headers, close=close))
+            await self.stream.send_all(response)
         except _STREAM_ERRORS:
             return False
         return True

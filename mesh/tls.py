@@ -13,9 +13,10 @@ from mesh.stream import YIELD_EVERY
 
 # TLS 1.2 suites: forward secrecy and authenticated encryption only (TLS 1.3's suites all are).
 _CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-# Only HTTP/1.1 is spoken on the mesh hop so far. Offer "h2" (first) once the HTTP/2 codec exists: a peer that
-# picked h2 from our offer would otherwise send a preface we cannot read.
-_ALPN = ["http/1.1"]
+# ALPN on the mesh hop (docs/wire.md): an inbound accepts h2 and http/1.1 (preferring h2); an outbound offers h2
+# for requests that may share a multiplexed connection, and http/1.1 alone for upgrades and opaque TCP.
+ALPN_H2 = ["h2", "http/1.1"]
+ALPN_HTTP1 = ["http/1.1"]
 _RECEIVE_SIZE = 65536
 
 
@@ -27,15 +28,18 @@ def server_context(cert_file: str, key_file: str, bundle_file: str) -> ssl.SSLCo
     return _context(True, cert_file, key_file, bundle_file)
 
 
-def client_context(cert_file: str, key_file: str, bundle_file: str) -> ssl.SSLContext:
-    """The outbound side's context: our certificate, and the peer's chain verified against the bundle.
+def client_context(cert_file: str, key_file: str, bundle_file: str, *, http2: bool = True) -> ssl.SSLContext:
+    """The outbound side's context: our certificate, and the peer's chain verified against the bundle; ALPN offers
+    h2 and http/1.1 (or http/1.1 alone, `http2=False`).
 
     The host name is not checked: the peer's identity is its SPIFFE ID (URI SAN), which the caller compares with
     the expected one after the handshake (TlsStream.peer_identity)."""
-    return _context(False, cert_file, key_file, bundle_file)
+    return _context(False, cert_file, key_file, bundle_file, ALPN_H2 if http2 else ALPN_HTTP1)
 
 
-def _context(server_side: bool, cert_file: str, key_file: str, bundle_file: str) -> ssl.SSLContext:
+def _context(
+    server_side: bool, cert_file: str, key_file: str, bundle_file: str, alpn: list[str] = ALPN_H2
+) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(_CIPHERS)
@@ -52,7 +56,7 @@ def _context(server_side: bool, cert_file: str, key_file: str, bundle_file: str)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_cert_chain(cert_file, key_file)
     ctx.load_verify_locations(cafile=bundle_file)
-    ctx.set_alpn_protocols(_ALPN)
+    ctx.set_alpn_protocols(alpn)
     return ctx
 
 

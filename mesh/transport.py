@@ -101,8 +101,9 @@ class UpstreamTls:
     server_name: str
 
 
-async def secure(sock: socket.socket, upstream_tls: UpstreamTls | None) -> Stream:
-    """Turn a connected socket into the mesh hop's stream; MeshError 502 with the reason if TLS fails.
+async def secure(sock: socket.socket, upstream_tls: UpstreamTls | None, *, http2: bool = False) -> Stream:
+    """Turn a connected socket into the mesh hop's stream; MeshError 502 with the reason if TLS fails. With
+    `http2`, ALPN offers h2 (the caller reads the choice from `selected_alpn_protocol()`), else http/1.1 only.
 
     The peer's identity is checked against the expected SPIFFE ID before any request byte is written,
     and a failure never falls back to plaintext."""
@@ -113,7 +114,8 @@ async def secure(sock: socket.socket, upstream_tls: UpstreamTls | None) -> Strea
         sock.close()
         raise MeshError(502, "no usable certificate for mutual TLS")
     try:
-        stream = await tls_connect(sock, current.client_context, server_hostname=upstream_tls.server_name)
+        context = current.client_context if http2 else current.client_context_http1
+        stream = await tls_connect(sock, context, server_hostname=upstream_tls.server_name)
     except TlsHandshakeError as exc:
         raise MeshError(502, f"upstream TLS handshake failed: {exc.reason}") from None
     if stream.peer_identity != upstream_tls.expected_id:

@@ -87,6 +87,7 @@ class Sidecar:
                 pool=inbound.pool,
                 connect_timeout=inbound.timeouts.connect,
                 metrics=self.metrics,
+                protocol="http2" if config.service.protocol in ("http2", "grpc") else "http1",
             )
             acceptor: Acceptor = PlainAccept()
             if inbound.tls == "mutual":
@@ -118,6 +119,7 @@ class Sidecar:
                 retries=upstream.retries,
                 hedging=upstream.hedging,
                 health_check=upstream.health_check,
+                protocol=_mesh_hop_protocol(upstream),
             )
             name = f"upstreams[{index}]:{upstream.service}"
             self._add_listener(name, "outbound", upstream.bind, upstream.protocol, cluster, upstream)
@@ -341,3 +343,13 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     for exc in group.exceptions:
         leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     return leaves
+
+
+def _mesh_hop_protocol(upstream: UpstreamSettings) -> str:
+    """How an outbound cluster speaks to peer sidecars (docs/wire.md): over mTLS, HTTP/2 where ALPN agrees; in
+    plaintext, HTTP/2 with prior knowledge only for http2 and grpc upstreams (the peer may not be a sidecar)."""
+    if upstream.protocol == "tcp":
+        return "http1"
+    if upstream.tls == "mutual":
+        return "auto" if upstream.mesh_http2 or upstream.protocol != "http" else "http1"
+    return "http2" if upstream.protocol in ("http2", "grpc") else "http1"

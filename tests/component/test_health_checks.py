@@ -158,7 +158,7 @@ async def test_tls_probe_failures_are_reported_as_tls(nursery: trio.Nursery) -> 
     spiffe = "spiffe://mesh.local/ns/default/dc/dc1/svc/api"
     no_certificate = UpstreamTls(SimpleNamespace(current=None), spiffe, "api")  # type: ignore[arg-type]
     assert await probe(endpoint, settings=TCP, tls=no_certificate) == "tls: no usable certificate for mutual TLS"
-    identity = SimpleNamespace(current=SimpleNamespace(client_context=ssl.create_default_context()))
+    identity = SimpleNamespace(current=SimpleNamespace(client_context_http1=ssl.create_default_context()))
     handshake = UpstreamTls(identity, spiffe, "api")  # type: ignore[arg-type]
     reason = await probe(endpoint, settings=HTTP, tls=handshake, host_header="api")
     assert reason is not None

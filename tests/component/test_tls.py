@@ -208,7 +208,7 @@ async def test_handshake_both_sides_see_the_peer_identity(certs: Certs) -> None:
     server, client = await connected(certs)
     assert server.peer_identity == svc("web")
     assert client.peer_identity == svc("api")
-    assert server.selected_alpn_protocol() == client.selected_alpn_protocol() == "http/1.1"
+    assert server.selected_alpn_protocol() == client.selected_alpn_protocol() == "h2"
     assert server.socket.version() == "TLSv1.3"
     await client.send_all(b"ping")
     assert await server.receive_some() == b"ping"
@@ -248,6 +248,14 @@ async def test_handshake_over_tcp_loopback_with_tls_1_2(certs: Certs) -> None:
 
 
 # --- handshakes the server refuses ------------------------------------------------------------------------------
+
+
+async def test_alpn_falls_back_to_http1_for_a_client_that_offers_only_http1(certs: Certs) -> None:
+    http1_only = tls.client_context(certs.web.cert, certs.web.key, certs.web.bundle, http2=False)
+    server, client = await handshake_pair(server_ctx(certs.api), http1_only)
+    assert server.selected_alpn_protocol() == client.selected_alpn_protocol() == "http/1.1"
+    server.close()
+    client.close()
 
 
 async def test_server_refuses_a_client_without_certificate(certs: Certs) -> None:

@@ -71,7 +71,7 @@ def test_config_check_prints_every_error(capsys: pytest.CaptureFixture[str], tmp
     path.write_text("service: {name: web, app: 127.0.0.1:8080, protocol: udp}\nlog: {level: loud}\n")
     assert main(["config", "check", str(path)]) == 1
     assert capsys.readouterr().err.splitlines() == [
-        f"{path}: service.protocol: must be one of: 'http', 'tcp' (got 'udp')",
+        f"{path}: service.protocol: must be one of: 'http', 'http2', 'grpc', 'tcp' (got 'udp')",
         f"{path}: log.level: must be one of: 'debug', 'info', 'warning', 'error' (got 'loud')",
     ]
 
@@ -124,6 +124,6 @@ def test_console_command_reports_a_broken_file_without_a_traceback() -> None:
     assert result.stdout == ""
     assert result.stderr == (
         "broken-unknown-key.yaml: upstreams[0].timeout: unknown field 'timeout' "
-        "(allowed: service, bind, protocol, tls, identity, timeouts, limits, pool, balancer, outlier, "
+        "(allowed: service, bind, protocol, mesh_http2, tls, identity, timeouts, limits, pool, balancer, outlier, "
         "circuit_breakers, retries, hedging, health_check)\n"
     )

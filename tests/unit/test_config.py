@@ -158,6 +158,7 @@ def test_upstream_defaults_are_dumped_in_their_compact_forms() -> None:
         "service": "api",
         "bind": "127.0.0.1:9001",
         "protocol": "http",
+        "mesh_http2": True,
         "tls": "off",
         "identity": None,
         "timeouts": {"connect": "1s", "request_headers": "10s", "request": "15s", "idle": "1h"},
@@ -352,11 +353,11 @@ def test_bad_addresses(value: str, message: str) -> None:
             "broken-unknown-key.yaml",
             [
                 "upstreams[0].timeout: unknown field 'timeout' "
-                "(allowed: service, bind, protocol, tls, identity, timeouts, limits, pool, balancer, outlier, "
-                "circuit_breakers, retries, hedging, health_check)"
+                "(allowed: service, bind, protocol, mesh_http2, tls, identity, timeouts, limits, pool, balancer, "
+                "outlier, circuit_breakers, retries, hedging, health_check)"
             ],
         ),
-        ("broken-protocol.yaml", ["upstreams[0].protocol: must be one of: 'http', 'tcp' (got 'udp')"]),
+        ("broken-protocol.yaml", ["upstreams[0].protocol: must be one of: 'http', 'http2', 'grpc', 'tcp' (got 'udp')"]),
         (
             "broken-duplicate-bind.yaml",
             ["upstreams[1].bind: 127.0.0.1:9001 is already used by upstreams[0].bind"],
@@ -397,7 +398,7 @@ log: {access_log: maybe}
     assert errors_of(text) == [
         "sidecar.yaml: mesh.colour: unknown field 'colour' (allowed: trust_domain, namespace, datacenter)",
         f"sidecar.yaml: service.name: invalid service name 'Web_1': {NAME_RULE}",
-        "sidecar.yaml: service.protocol: must be one of: 'http', 'tcp' (got 'udp')",
+        "sidecar.yaml: service.protocol: must be one of: 'http', 'http2', 'grpc', 'tcp' (got 'udp')",
         "sidecar.yaml: inbound.tls: must be one of: 'mutual', 'off' (got false)",
         "sidecar.yaml: inbound.allow[0]: expected a service name or a spiffe:// ID (got 'Frontend')",
         "sidecar.yaml: inbound.limits.max_connections: must be at least 1 (got 0)",
