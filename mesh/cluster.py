@@ -214,7 +214,9 @@ class Cluster:
         key = endpoint.key
         if h2 is not None:
             with trio.move_on_after(INF if timeout is None else timeout) as scope:
-                while (opening := h2.connecting.get(key)) is not None and key in h2.speaks_h2:
+                # Wait for a connection being opened to an endpoint that speaks HTTP/2, or whose protocol is
+                # not known yet (the first requests to a new endpoint then share one connection).
+                while (opening := h2.connecting.get(key)) is not None and (key in h2.speaks_h2 or key not in h2.known):
                     await opening.wait()
                     exchange = h2.take(key)
                     if exchange is not None:
@@ -267,6 +269,7 @@ class Cluster:
                     stream.close()
                     self.breaker.connection_closed()
                     raise MeshError(502, "upstream did not agree to HTTP/2 (ALPN)")
+            h2.known.add(endpoint.key)
             if speaks_h2:
                 h2.speaks_h2.add(endpoint.key)
                 return self._start_h2(stream, endpoint, h2)

@@ -514,9 +514,9 @@ class UpstreamSettings(_Model):
         "accepted on any HTTP listener), or tcp.",
     )
     mesh_http2: bool = Field(
-        True,
-        description="Offer HTTP/2 on the mTLS mesh hop (one multiplexed connection per peer); false keeps "
-        "HTTP/1.1 connections. With tls: off the hop is HTTP/2 only for http2 and grpc.",
+        False,
+        description="For protocol http: carry the requests over HTTP/2 on the mTLS mesh hop (one multiplexed "
+        "connection per peer) instead of pooled HTTP/1.1 connections. http2 and grpc upstreams always use HTTP/2.",
     )
     tls: Literal["mutual", "off"] = Field(
         "mutual",

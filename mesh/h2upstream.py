@@ -486,6 +486,7 @@ class H2Pool:
         self.connections: dict[object, list[H2Connection]] = {}
         self.connecting: dict[object, trio.Event] = {}
         self.speaks_h2: set[object] = set()
+        self.known: set[object] = set()  # endpoints whose protocol a handshake has shown
 
     def __repr__(self) -> str:
         return f"<H2Pool connections={sum(len(c) for c in self.connections.values())}>"

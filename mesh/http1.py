@@ -227,7 +227,9 @@ class _Reader:
             self.upgraded_data = data[exc.args[0] :]
         except httptools.HttpParserError as exc:
             if "Pause on PRI" in str(exc) and self._error_status == 400:  # llhttp stops at the HTTP/2 preface
-                raise Http2Preface(505, "HTTP/2 over TLS is not served yet: use HTTP/1.1 on this listener") from None
+                raise Http2Preface(
+                    505, "HTTP/2 preface on a TLS connection that agreed on http/1.1: offer h2 in ALPN"
+                ) from None
             if "Invalid `Transfer-Encoding`" in str(exc) and self._error_status == 400:
                 raise ProtocolError(501, "unsupported Transfer-Encoding (only 'chunked' is accepted)") from None
             raise ProtocolError(self._error_status, f"malformed HTTP/1.1: {exc}") from None

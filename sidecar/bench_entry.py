@@ -5,7 +5,8 @@ defaults a user gets (access log off, level info). Role `outbound` is a client-o
 upstream listener reaches FORWARD over mutual TLS; role `inbound` is a sidecar whose mTLS inbound
 listener forwards to the app on FORWARD. Their certificates, trust bundle and identities come from the
 harness's BENCH_* variables. Extra settings can be merged in with the environment variable
-MESH_BENCH_OVERRIDES (a JSON object, e.g. '{"log": {"access_log": true}}')."""
+MESH_BENCH_OVERRIDES (a JSON object, e.g. '{"log": {"access_log": true}}'), and into each upstream with
+MESH_BENCH_UPSTREAM (e.g. '{"mesh_http2": false}' for an HTTP/1.1 mesh hop)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,8 @@ def main(argv: list[str]) -> int:
         print(f"role {role} needs the environment variable {missing.args[0]} (set by peers.sh)", file=sys.stderr)
         return 2
     config = _merge(base, json.loads(os.environ.get("MESH_BENCH_OVERRIDES", "{}")))
+    for upstream in config.get("upstreams", []):
+        _merge(upstream, json.loads(os.environ.get("MESH_BENCH_UPSTREAM", "{}")))
     try:
         parsed = parse_config(json.dumps(config), name="<bench>", base_dir=Path.cwd())  # JSON is YAML
     except ConfigError as exc:

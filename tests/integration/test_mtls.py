@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -59,12 +62,30 @@ def start_pair(
     return out_port, in_port, outbound_proc, inbound_proc
 
 
-def test_requests_cross_the_mtls_hop_and_the_app_learns_the_caller(mesh, tmp_path, authority, backend) -> None:
-    out_port, _, _, _ = start_pair(mesh, tmp_path, authority, backend["http"])
+@pytest.mark.parametrize("mesh_http2", [False, True], ids=["http1-hop", "http2-hop"])
+def test_requests_cross_the_mtls_hop_and_the_app_learns_the_caller(
+    mesh, tmp_path, authority, backend, mesh_http2: bool
+) -> None:
+    out_port, _, _, _ = start_pair(mesh, tmp_path, authority, backend["http"], upstream={"mesh_http2": mesh_http2})
     seen = request(out_port, "GET", "/headers", headers=[("x-mesh-peer-identity", "spiffe://forged")]).json()
     identities = [v for k, v in seen["headers"] if k == "x-mesh-peer-identity"]
     assert identities == [WEB_ID]
     assert request(out_port, "POST", "/consume", body=b"x" * 100_000).json()["size"] == 100_000
+
+
+def test_http1_requests_share_one_http2_mesh_connection(mesh, tmp_path, authority, backend) -> None:
+    out_port, _, outbound, _ = start_pair(mesh, tmp_path, authority, backend["http"], upstream={"mesh_http2": True})
+    with ThreadPoolExecutor(10) as pool:  # ten requests in flight at once, each held 0.5 s by the app
+        statuses = list(pool.map(lambda _: request(out_port, "GET", "/slow?s=0.5").status, range(10)))
+    assert statuses == [200] * 10
+    head = request(out_port, "HEAD", "/headers")
+    assert head.status == 200 and head.body == b""
+    assert request(out_port, "GET", "/headers").status == 200  # the connection is still good after a HEAD
+    admin = json.loads(outbound.wait_for('"sidecar ready"'))["listeners"]["admin"]
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    opened = [line for line in metrics.splitlines() if line.startswith("mesh_upstream_connections_total{")]
+    assert 'mesh_upstream_connections_total{event="opened",upstream="api"} 1.0' in opened, opened
 
 
 def tls_client(in_port: int, cert_dir: Path | None, bundle: Path, data: bytes) -> bytes:

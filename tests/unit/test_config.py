@@ -158,7 +158,7 @@ def test_upstream_defaults_are_dumped_in_their_compact_forms() -> None:
         "service": "api",
         "bind": "127.0.0.1:9001",
         "protocol": "http",
-        "mesh_http2": True,
+        "mesh_http2": False,
         "tls": "off",
         "identity": None,
         "timeouts": {"connect": "1s", "request_headers": "10s", "request": "15s", "idle": "1h"},

@@ -229,4 +229,4 @@ def test_the_http2_preface_is_recognised_not_taken_for_a_broken_http1_request() 
     reader = RequestReader(max_header_bytes=65536, max_header_count=100, max_body_bytes=None)
     with pytest.raises(Http2Preface) as caught:
         reader.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-    assert "use HTTP/1.1" in caught.value.reason
+    assert "offer h2 in ALPN" in caught.value.reason
