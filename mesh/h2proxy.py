@@ -172,7 +172,7 @@ class H2Downstream:
 
     def _open(self, request: Request) -> None:
         try:
-            method, target, authority, fields, content_length = to_http1_headers(request.headers)
+            method, target, authority, fields, content_length = to_http1_headers(request.headers, validated=True)
         except HeaderError as exc:
             self.session.reset(request.stream_id, ErrorCodes.PROTOCOL_ERROR)
             log.info("request rejected", direction=self.proxy.settings.direction, reason=str(exc))

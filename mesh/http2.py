@@ -277,16 +277,18 @@ def validate_trailers(headers: Headers) -> None:
         raise HeaderError("pseudo-header in trailers")
 
 
-def to_http1_headers(headers: Headers) -> tuple[bytes, bytes, bytes, Headers, int | None]:
+def to_http1_headers(headers: Headers, *, validated: bool = False) -> tuple[bytes, bytes, bytes, Headers, int | None]:
     """Translate an HTTP/2 request head into (method, target, authority, fields, content_length) for HTTP/1.1.
 
     The result is unambiguous by construction: it is validated again here, `fields` never holds a pseudo-header,
     Host, Content-Length, Transfer-Encoding or another connection-specific field (the HTTP/1.1 side writes Host from
     `authority` and chooses its own framing from `content_length`), and cookie crumbs are joined with "; "
     (RFC 9113 8.2.3). Raises HeaderError: malformed, no authority at all (HTTP/1.1 needs Host), or
-    Content-Length values that differ (equal duplicates collapse to one).
+    Content-Length values that differ (equal duplicates collapse to one). `validated`: the session's Request
+    event already passed `validate_request`, which is not run twice.
     """
-    validate_request(headers)
+    if not validated:
+        validate_request(headers)
     pseudo = {n: v for n, v in headers if n[:1] == b":"}
     method = pseudo[b":method"]
     host = next((v for n, v in headers if n == b"host"), None)

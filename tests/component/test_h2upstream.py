@@ -1,0 +1,203 @@
+"""HTTP/2 upstream connections against an independent HTTP/2 server (the h2 library) over an in-memory stream."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import pytest
+import trio
+import trio.testing
+from h2.errors import ErrorCodes
+
+from mesh.discovery import Endpoint
+from mesh.h2upstream import H2Connection, H2Exchange, H2Pool
+from mesh.http1 import END, ResponseHead, ResponseReader, Trailers
+
+pytestmark = pytest.mark.trio
+
+REQUEST = (
+    b"POST /pkg.Svc/Call HTTP/1.1\r\nhost: api\r\ncontent-type: application/grpc\r\nx-mesh-deadline: 900\r\n"
+    b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-end: 1\r\n\r\n"
+)
+
+
+class Server:
+    """The peer: h2's server side, answering as each test tells it to."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        self.conn = h2.connection.H2Connection(config)
+        self.conn.initiate_connection()
+        self.events: list[h2.events.Event] = []
+        self.changed = trio.Event()
+        self.sending = trio.Lock()
+
+    async def run(self) -> None:
+        await self.flush()
+        while data := await self.stream.receive_some(65536):
+            try:
+                self.events += self.conn.receive_data(data)
+            except h2.exceptions.ProtocolError:  # after our GOAWAY h2 accepts nothing more; keep reading to EOF
+                continue
+            self.changed.set()
+            self.changed = trio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self.sending:
+            if data := self.conn.data_to_send():
+                await self.stream.send_all(data)
+
+    async def wait_for(self, kind: type, stream_id: int = 1) -> h2.events.Event:
+        while True:
+            for event in self.events:
+                if isinstance(event, kind) and getattr(event, "stream_id", stream_id) == stream_id:
+                    return event
+            await self.changed.wait()
+
+
+class Pipe:
+    """The client's end of an in-memory stream, with the synchronous close() the mesh's streams have."""
+
+    def __init__(self, stream: trio.StapledStream) -> None:
+        self.stream = stream
+
+    async def send_all(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.stream.receive_some(max_bytes)
+
+    def close(self) -> None:
+        self.stream.send_stream.close()
+        self.stream.receive_stream.close()
+
+
+async def setup(nursery: trio.Nursery) -> tuple[H2Connection, Server, list[H2Connection]]:
+    memory_client, server_stream = trio.testing.memory_stream_pair()
+    client_stream = Pipe(memory_client)
+    closed: list[H2Connection] = []
+    conn = H2Connection(
+        client_stream, Endpoint("127.0.0.1", 1), scheme=b"https", idle_timeout=60, on_close=closed.append
+    )
+    server = Server(server_stream)
+    nursery.start_soon(server.run)
+    nursery.start_soon(conn.run)
+    return conn, server, closed
+
+
+async def read_response(exchange: H2Exchange) -> list[object]:
+    reader = ResponseReader(request_method=b"POST")
+    events: list[object] = []
+    while not events or events[-1] is not END:
+        data = await exchange.receive_some()
+        if not data:
+            reader.feed_eof()
+        else:
+            reader.feed(data)
+        while (event := reader.next_event()) is not None:
+            events.append(event)
+    return events
+
+
+async def test_a_request_and_its_trailers_cross_both_ways(nursery: trio.Nursery) -> None:
+    conn, server, _ = await setup(nursery)
+    exchange = conn.open()
+    await exchange.send_all(REQUEST)
+    request = await server.wait_for(h2.events.RequestReceived)
+    headers = dict(request.headers)
+    assert headers[b":authority"] == b"api" and headers[b":scheme"] == b"https"
+    assert headers[b":path"] == b"/pkg.Svc/Call" and headers[b"te"] == b"trailers"
+    assert headers[b"x-mesh-deadline"] == b"900"  # the mesh's own headers travel
+    assert b"transfer-encoding" not in headers and b"host" not in headers
+    trailers = await server.wait_for(h2.events.TrailersReceived)
+    assert dict(trailers.headers) == {b"x-end": b"1"}
+    data = b"".join(e.data for e in server.events if isinstance(e, h2.events.DataReceived))
+    assert data == b"hello"
+    server.conn.send_headers(1, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    server.conn.send_data(1, b"world")
+    server.conn.send_headers(1, [(b"grpc-status", b"0"), (b"x-bin-bin", b"AAE=")], end_stream=True)
+    await server.flush()
+    events = await read_response(exchange)
+    head = events[0]
+    assert isinstance(head, ResponseHead) and head.status == 200
+    assert events[1] == b"world"
+    assert events[2] == Trailers([(b"grpc-status", b"0"), (b"x-bin-bin", b"AAE=")])
+    exchange.close()
+    assert not conn.streams and conn.available
+
+
+async def test_a_refused_stream_is_a_failure_before_any_response_byte(nursery: trio.Nursery) -> None:
+    conn, server, _ = await setup(nursery)
+    exchange = conn.open()
+    await exchange.send_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n")
+    await server.wait_for(h2.events.RequestReceived)
+    server.conn.reset_stream(1, ErrorCodes.REFUSED_STREAM)
+    await server.flush()
+    with pytest.raises(trio.BrokenResourceError, match="REFUSED_STREAM"):
+        await exchange.receive_some()
+
+
+async def test_close_mid_response_resets_the_stream_and_the_connection_stays(nursery: trio.Nursery) -> None:
+    conn, server, _ = await setup(nursery)
+    exchange = conn.open()
+    await exchange.send_all(b"GET /long HTTP/1.1\r\nhost: api\r\n\r\n")
+    await server.wait_for(h2.events.RequestReceived)
+    server.conn.send_headers(1, [(b":status", b"200")])
+    server.conn.send_data(1, b"part")
+    await server.flush()
+    assert (await exchange.receive_some()).startswith(b"HTTP/1.1 200 OK\r\n")
+    exchange.close()
+    reset = await server.wait_for(h2.events.StreamReset)
+    assert reset.error_code == ErrorCodes.CANCEL
+    assert conn.available  # the connection serves the next request
+    second = conn.open()
+    await second.send_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n")
+    assert (await server.wait_for(h2.events.RequestReceived, 3)).stream_id == 3
+
+
+async def test_the_response_window_opens_only_as_the_proxy_reads(nursery: trio.Nursery) -> None:
+    conn, server, _ = await setup(nursery)
+    exchange = conn.open()
+    await exchange.send_all(b"GET /big HTTP/1.1\r\nhost: api\r\n\r\n")
+    await server.wait_for(h2.events.RequestReceived)
+    server.conn.send_headers(1, [(b":status", b"200")])
+    await server.flush()
+    await server.wait_for(h2.events.RemoteSettingsChanged, 0)
+    sent = 0
+    while (room := server.conn.local_flow_control_window(1)) > 0:  # fill the 1 MiB stream window
+        chunk = min(room, server.conn.max_outbound_frame_size)
+        server.conn.send_data(1, b"x" * chunk)
+        sent += chunk
+        await server.flush()
+    assert sent == 1 << 20  # what the mesh advertises per stream: nothing more can be sent unread
+    await trio.testing.wait_all_tasks_blocked()
+    assert server.conn.local_flow_control_window(1) == 0
+    received = 0
+    while received < sent:
+        received += len(await exchange.receive_some())
+    with trio.fail_after(5):
+        while server.conn.local_flow_control_window(1) == 0:  # reading gave the window back
+            await server.changed.wait()
+    exchange.close()
+
+
+async def test_goaway_stops_new_streams_and_the_pool_looks_elsewhere(nursery: trio.Nursery) -> None:
+    conn, server, closed = await setup(nursery)
+    pool = H2Pool()
+    pool.add(conn.endpoint.key, conn)
+    exchange = pool.take(conn.endpoint.key)
+    assert exchange is not None
+    await exchange.send_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n")
+    await server.wait_for(h2.events.RequestReceived)
+    server.conn.close_connection(error_code=ErrorCodes.NO_ERROR, last_stream_id=1)
+    await server.flush()
+    await trio.testing.wait_all_tasks_blocked()
+    assert conn.draining
+    assert pool.take(conn.endpoint.key) is None  # no stream on a connection that is going away
+    exchange.close()
+    await trio.testing.wait_all_tasks_blocked()  # the last stream ended: the connection closes
+    assert closed == [conn] and conn.closed
