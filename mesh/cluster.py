@@ -21,8 +21,9 @@ from mesh.config import (
 )
 from mesh.discovery import Endpoint, EndpointSet
 from mesh.errors import CONNECT_TIMEOUT, MeshError, no_endpoints
-from mesh.h2upstream import H2Connection, H2Exchange, H2Pool
+from mesh.h2upstream import UPSTREAM_LIMITS, H2Connection, H2Exchange, H2Pool
 from mesh.health import HealthTracker, run_health_checks
+from mesh.http2 import H2Limits
 from mesh.metrics import Metrics
 from mesh.outlier import OutlierDetector
 from mesh.pool import IdlePool
@@ -96,11 +97,13 @@ class Cluster:
         hedging: HedgeSettings | None = None,
         health_check: HealthCheckSettings | None = None,
         protocol: str = "http1",
+        h2_limits: H2Limits = UPSTREAM_LIMITS,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}")
         self.name = name
         self.protocol = protocol
+        self.h2_limits = h2_limits
         self.h2 = H2Pool() if protocol != "http1" else None
         self._tasks: trio.Nursery | None = None  # runs the HTTP/2 connections (see maintain)
         self.tls = tls
@@ -289,6 +292,7 @@ class Cluster:
             scheme=b"http" if self.tls is None else b"https",
             idle_timeout=self.pool.idle_timeout,
             on_close=closed,
+            limits=self.h2_limits,
         )
         h2.add(endpoint.key, conn)
         if self._tasks is not None:

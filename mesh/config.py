@@ -322,6 +322,24 @@ class Timeouts(_Model):
     idle: Duration = Field(3600.0, description="An idle client connection is closed after this long.")
 
 
+class Http2Settings(_Model):
+    """HTTP/2 settings: what a listener advertises to its clients, and the windows of its HTTP/2 upstream
+    connections. Buffered body bytes stay bounded by the windows: a slow reader holds back its writer."""
+
+    max_concurrent_streams: int = Field(
+        100, ge=1, le=2**31 - 1, description="Streams one client may have open; the excess stream gets REFUSED_STREAM."
+    )
+    stream_window: Annotated[Size, Field(ge=65535, le=2**31 - 1)] = Field(
+        1024 * 1024, description="Flow-control window per stream (request bodies in, responses from upstreams)."
+    )
+    connection_window: Annotated[Size, Field(ge=65535, le=2**31 - 1)] = Field(
+        16 * 1024 * 1024, description="Flow-control window per connection, shared by its streams."
+    )
+    max_frame_size: Annotated[Size, Field(ge=16384, le=16777215)] = Field(
+        16384, description="Largest frame payload accepted; a longer frame ends the connection (FRAME_SIZE_ERROR)."
+    )
+
+
 class Limits(_Model):
     """Resource limits of one listener or upstream."""
 
@@ -333,6 +351,7 @@ class Limits(_Model):
     max_body_bytes: Size | None = Field(
         None, description="Largest request body; a larger one gets 413. null means unlimited."
     )
+    http2: Http2Settings = Field(default_factory=Http2Settings, description="HTTP/2 streams, windows and frames.")
 
 
 class PoolSettings(_Model):

@@ -15,7 +15,6 @@ from mesh.http1 import END, ProtocolError, RequestHead, ResponseHead, ResponseRe
 from mesh.http2 import (
     ConnectionLost,
     Data,
-    H2Limits,
     H2Session,
     HeaderError,
     Headers,
@@ -43,9 +42,6 @@ from mesh.transport import Accepted
 log = structlog.get_logger("mesh.proxy")
 
 _MESH_PREFIX = b"x-mesh-"
-# Request bodies: a 1 MiB window per stream and 16 MiB per connection (as the upstream side; docs/wire.md), so that
-# a large gRPC message is not held to one 64 KiB window per round trip. Buffered bytes stay bounded by them.
-DOWNSTREAM_LIMITS = H2Limits(initial_window_size=1 << 20, connection_window_size=16 << 20)
 
 
 class H2Downstream:
@@ -59,7 +55,7 @@ class H2Downstream:
         self.accepted = accepted
         self.stream = accepted.stream
         self.initial = initial
-        self.session = H2Session(client_side=False, limits=DOWNSTREAM_LIMITS, clock=trio.current_time)
+        self.session = H2Session(client_side=False, limits=proxy.h2_limits, clock=trio.current_time)
         self.streams: dict[int, _H2Stream] = {}
         self._dirty = trio.Event()
         self._window = trio.Event()  # set (and replaced) whenever a send window grows

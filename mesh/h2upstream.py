@@ -47,8 +47,9 @@ _READ_SIZE = 65536
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
-# The upstream side's HTTP/2 settings: a 1 MiB window per stream (a 4 MiB gRPC message needs no more than a few
-# round trips) and 16 MiB per connection; memory per stream stays bounded by the stream window.
+# The upstream side's HTTP/2 settings unless configured (`limits.http2`): a 1 MiB window per stream (a 4 MiB gRPC
+# message needs no more than a few round trips) and 16 MiB per connection; memory per stream stays bounded by the
+# stream window.
 UPSTREAM_LIMITS = H2Limits(initial_window_size=1 << 20, connection_window_size=16 << 20)
 
 

@@ -76,6 +76,13 @@ class Metrics:
             ["direction", "upstream", "reason"],
             registry=self.registry,
         )
+        self._protocols = Counter(
+            "mesh_protocol_detected",
+            "Client connections of an HTTP listener by the protocol they turned out to speak: http1, http2 (h2c "
+            "preface or ALPN h2), or none (closed or silent past timeouts.request_headers before sending a byte).",
+            ["direction", "listener", "protocol"],
+            registry=self.registry,
+        )
         self._connection_gauges: dict[tuple[str, str], Gauge] = {}
         self._error_counters: dict[tuple[str, str, str], Counter] = {}
 
@@ -120,6 +127,9 @@ class Metrics:
         if counter is None:
             counter = self._error_counters[key] = self._mesh_errors.labels(direction, upstream, reason)
         counter.inc()
+
+    def protocol_detected(self, direction: str, listener: str, protocol: str) -> None:
+        self._protocols.labels(direction, listener, protocol).inc()
 
     def connection_opened(self, direction: str, listener: str) -> None:
         self._connection_gauge(direction, listener).inc()

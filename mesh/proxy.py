@@ -97,6 +97,7 @@ class HttpProxy:
         self.access_log = access_log
         self.drain = drain
         self.sweeper = sweeper
+        self.h2_limits = h2_limits(settings.limits)  # for HTTP/2 clients of this listener
 
     def __repr__(self) -> str:
         return f"<HttpProxy {self.settings.direction} {self.settings.upstream} {self.cluster!r}>"
@@ -111,11 +112,13 @@ class HttpProxy:
         if accepted.peer_identity is None:  # plaintext: the client may speak HTTP/2 with prior knowledge
             initial = await self._first_bytes(accepted.stream)
             if initial is None:
+                self.metrics.protocol_detected(self.settings.direction, self.settings.upstream, "none")
                 accepted.stream.close()
                 return
             http2 = initial.startswith(H2_PREFACE)
         else:  # TLS: ALPN decided
             http2 = accepted.stream.selected_alpn_protocol() == "h2"  # type: ignore[union-attr]
+        self.metrics.protocol_detected(self.settings.direction, self.settings.upstream, "http2" if http2 else "http1")
         self.metrics.connection_opened(self.settings.direction, self.settings.upstream)
         try:
             if http2:
@@ -144,6 +147,20 @@ class HttpProxy:
             except _STREAM_ERRORS:
                 return None
         return data or None
+
+
+def h2_limits(limits: Limits) -> H2Limits:
+    """A listener's HTTP/2 limits from its configuration: `limits.http2`, and the header limits of HTTP/1.1."""
+    http2 = limits.http2
+    return H2Limits(
+        max_concurrent_streams=http2.max_concurrent_streams,
+        initial_window_size=http2.stream_window,
+        connection_window_size=http2.connection_window,
+        max_frame_size=http2.max_frame_size,
+        max_header_list_size=limits.max_header_bytes,
+        max_header_count=limits.max_header_count,
+        max_header_block_bytes=max(2 * limits.max_header_bytes, http2.max_frame_size),
+    )
 
 
 class _Exchange:

@@ -20,7 +20,7 @@ from mesh.discovery import Discovery, Endpoint, EndpointSet, discovery_from_sett
 from mesh.identity import identity_source
 from mesh.listener import Drain, serve_tcp
 from mesh.metrics import Metrics
-from mesh.proxy import HttpProxy, HttpProxySettings
+from mesh.proxy import HttpProxy, HttpProxySettings, h2_limits
 from mesh.registration import Registration
 from mesh.spiffe import Authorizer, spiffe_id
 from mesh.tcp import TcpProxy
@@ -88,6 +88,7 @@ class Sidecar:
                 connect_timeout=inbound.timeouts.connect,
                 metrics=self.metrics,
                 protocol="http2" if config.service.protocol in ("http2", "grpc") else "http1",
+                h2_limits=h2_limits(inbound.limits),
             )
             acceptor: Acceptor = PlainAccept()
             if inbound.tls == "mutual":
@@ -120,6 +121,7 @@ class Sidecar:
                 hedging=upstream.hedging,
                 health_check=upstream.health_check,
                 protocol=_mesh_hop_protocol(upstream),
+                h2_limits=h2_limits(upstream.limits),
             )
             name = f"upstreams[{index}]:{upstream.service}"
             self._add_listener(name, "outbound", upstream.bind, upstream.protocol, cluster, upstream)

@@ -86,6 +86,8 @@ def test_http1_requests_share_one_http2_mesh_connection(mesh, tmp_path, authorit
         metrics = response.read().decode()
     opened = [line for line in metrics.splitlines() if line.startswith("mesh_upstream_connections_total{")]
     assert 'mesh_upstream_connections_total{event="opened",upstream="api"} 1.0' in opened, opened
+    detected = [line for line in metrics.splitlines() if line.startswith("mesh_protocol_detected_total{")]
+    assert detected == ['mesh_protocol_detected_total{direction="outbound",listener="api",protocol="http1"} 12.0']
 
 
 def tls_client(in_port: int, cert_dir: Path | None, bundle: Path, data: bytes) -> bytes:

@@ -28,6 +28,7 @@ from mesh.config import (
     parse_size,
     redact,
 )
+from mesh.proxy import h2_limits
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "configs"
 MINIMAL = "service: {name: web, app: 127.0.0.1:8080}\n"
@@ -167,6 +168,12 @@ def test_upstream_defaults_are_dumped_in_their_compact_forms() -> None:
             "max_header_bytes": "64KiB",
             "max_header_count": 100,
             "max_body_bytes": None,
+            "http2": {
+                "max_concurrent_streams": 100,
+                "stream_window": "1MiB",
+                "connection_window": "16MiB",
+                "max_frame_size": "16KiB",
+            },
         },
         "pool": {"max_idle_per_endpoint": 64, "idle_timeout": "1m"},
         "balancer": {"policy": "p2c_ewma", "rtt": "30ms", "decay": "10s", "hash_on": None},
@@ -686,3 +693,17 @@ def test_registration_needs_an_inbound_and_a_ttl_above_the_interval() -> None:
     assert caught.value.errors == [
         "sidecar.yaml: registration: ttl must be longer than health.interval, or the check expires between refreshes"
     ]
+
+
+def test_http2_limits_are_configured_per_listener_and_checked() -> None:
+    cfg = parse(
+        MINIMAL + "inbound: {tls: off, limits: {max_header_count: 50, http2: {max_concurrent_streams: 8, "
+        "stream_window: 256KiB, connection_window: 4MiB, max_frame_size: 64KiB}}}\n"
+    )
+    assert cfg.inbound is not None
+    limits = h2_limits(cfg.inbound.limits)
+    assert (limits.max_concurrent_streams, limits.initial_window_size) == (8, 256 * 1024)
+    assert (limits.connection_window_size, limits.max_frame_size) == (4 * 1024 * 1024, 64 * 1024)
+    assert (limits.max_header_count, limits.max_header_list_size) == (50, 64 * 1024)  # the HTTP/1.1 header limits
+    [error] = errors_of(MINIMAL + "inbound: {tls: off, limits: {http2: {stream_window: 1KiB}}}\n")
+    assert error == "sidecar.yaml: inbound.limits.http2.stream_window: must be at least 65535 (got '1KiB')"

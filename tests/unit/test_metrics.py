@@ -105,4 +105,5 @@ def test_every_metric_is_described_before_any_sample() -> None:
         "mesh_bytes_total",
         "mesh_upstream_connections_total",
         "mesh_errors_total",
+        "mesh_protocol_detected_total",
     }
