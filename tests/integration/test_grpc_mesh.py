@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from .clients import request
 from .conftest import free_port, sidecar_config
 from .grpc_apps import Client
 from .test_mtls import authority, write_identity  # noqa: F401  (authority is a fixture)
@@ -146,3 +147,16 @@ def test_upstream_down_is_unavailable_with_the_mesh_reason(mesh, tmp_path, autho
     assert result.code == grpc.StatusCode.UNAVAILABLE
     assert result.details == "upstream connect refused"  # the reason the inbound's sidecar gave
     assert result.trailing_metadata["x-mesh-error"] == "upstream connect refused"
+
+
+def test_an_http1_client_reaches_an_http2_only_app_and_gets_its_trailers(pair: GrpcMesh) -> None:
+    """HTTP/1.1 → HTTP/2 on the way in, HTTP/2 trailers → HTTP/1.1 chunked trailers on the way back."""
+    port = int(pair.outbound.rsplit(":", 1)[1])
+    message = b"\x00" + (5).to_bytes(4, "big") + b"hello"  # one uncompressed gRPC message
+    answer = request(
+        port, "POST", "/mesh.test.Echo/Unary", headers=[("content-type", "application/grpc")], body=message
+    )
+    assert answer.status == 200 and answer.headers["content-type"] == "application/grpc"
+    assert answer.body == message  # echoed
+    assert answer.trailers["grpc-status"] == "0"
+    assert answer.headers["transfer-encoding"] == "chunked"  # trailers need a chunked body on HTTP/1.1
