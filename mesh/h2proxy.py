@@ -11,6 +11,7 @@ from h2.errors import ErrorCodes
 from mesh import http1
 from mesh.cluster import UpstreamConnection
 from mesh.errors import grpc_error_headers
+from mesh.h2io import SessionWriter
 from mesh.http1 import END, ProtocolError, RequestHead, ResponseHead, ResponseReader
 from mesh.http2 import (
     ConnectionLost,
@@ -44,7 +45,7 @@ log = structlog.get_logger("mesh.proxy")
 _MESH_PREFIX = b"x-mesh-"
 
 
-class H2Downstream:
+class H2Downstream(SessionWriter):
     """One HTTP/2 client connection. A reader task feeds the sans-io `H2Session`; each request becomes an
     `_H2Stream` task that runs the same exchange as an HTTP/1.1 request (authorisation, deadlines, balancing,
     retries, the HTTP/1.1 upstream pool), then writes the response as HTTP/2 frames within the stream's flow-control
@@ -57,9 +58,8 @@ class H2Downstream:
         self.initial = initial
         self.session = H2Session(client_side=False, limits=proxy.h2_limits, clock=trio.current_time)
         self.streams: dict[int, _H2Stream] = {}
-        self._dirty = trio.Event()
+        self._init_writer()
         self._window = trio.Event()  # set (and replaced) whenever a send window grows
-        self._quiet = trio.Event()  # set by the writer when it has sent everything queued
         self._streams_done = trio.Event()  # set while no stream is open
         self._streams_done.set()
         self._reading = trio.CancelScope()  # the reader loop, ended by a finished drain
@@ -72,10 +72,6 @@ class H2Downstream:
     def __repr__(self) -> str:
         return f"<H2Downstream streams={len(self.streams)}>"
 
-    def flush(self) -> None:
-        """Wake the writer: the session has bytes queued."""
-        self._dirty.set()
-
     async def serve(self) -> None:
         self._out = self.session.initiate()
         async with trio.open_nursery() as nursery:
@@ -87,10 +83,7 @@ class H2Downstream:
             idle = self.proxy.settings.timeouts.idle
             with self._reading:
                 await self._read(idle)
-            self._quiet = trio.Event()
-            self.flush()
-            with trio.move_on_after(1.0):  # let the writer send what is queued (the last response, a GOAWAY)
-                await self._quiet.wait()
+            await self._flushed(1.0)  # let the writer send what is queued (the last response, a GOAWAY)
             nursery.cancel_scope.cancel()
 
     async def _read(self, idle: float) -> None:
@@ -121,22 +114,9 @@ class H2Downstream:
             await self._streams_done.wait()
         self._reading.cancel()  # streams are done: stop reading; `serve` sends what is queued and closes
 
-    async def _writer(self) -> None:
-        pending, self._out = self._out, b""
-        while True:
-            data = pending + self.session.data_to_send()
-            pending = b""
-            if data:
-                try:
-                    await self.stream.send_all(data)
-                except _STREAM_ERRORS:
-                    for stream in list(self.streams.values()):
-                        stream.cancel.cancel()
-                    return
-                continue
-            self._quiet.set()
-            await self._dirty.wait()
-            self._dirty = trio.Event()
+    def _send_failed(self) -> None:
+        for stream in list(self.streams.values()):
+            stream.cancel.cancel()
 
     def _handle(self, events: list[object]) -> None:
         for event in events:

@@ -22,6 +22,7 @@ from h2.errors import ErrorCodes
 
 from mesh import http1
 from mesh.discovery import Endpoint
+from mesh.h2io import SessionWriter
 from mesh.http1 import END, ProtocolError, RequestHead, RequestReader
 from mesh.http2 import (
     ConnectionLost,
@@ -60,7 +61,7 @@ def _error_name(code: int) -> str:
         return str(code)
 
 
-class H2Connection:
+class H2Connection(SessionWriter):
     """One HTTP/2 client connection to an endpoint. A reader task feeds the sans-io session and hands each
     stream's events to its `H2Exchange`; a writer task owns the socket's send side. No new stream is started
     after the peer's GOAWAY or once `drain()` was called; the connection closes when its last stream ends, or
@@ -87,7 +88,7 @@ class H2Connection:
         self.closed = False
         self.requests = 0
         self._on_close = on_close
-        self._dirty = trio.Event()
+        self._init_writer()
         self._window = trio.Event()  # set (and replaced) whenever a send window grows
         self._reading = trio.CancelScope()
         self._out = self.session.initiate()
@@ -111,9 +112,6 @@ class H2Connection:
         self.draining = True
         self._maybe_done()
 
-    def flush(self) -> None:
-        self._dirty.set()
-
     def _maybe_done(self) -> None:
         if (self.draining or self.session.closed) and not self.streams and not self.reserved:
             self._reading.cancel()
@@ -126,10 +124,7 @@ class H2Connection:
                 with self._reading:
                     await self._read()
                 self.session.goaway(ErrorCodes.NO_ERROR, "")
-                self.flush()
-                with trio.move_on_after(1.0):  # a GOAWAY, a last WINDOW_UPDATE or RST_STREAM
-                    while self.session.outbound_pending or self._out:
-                        await trio.sleep(0)
+                await self._flushed(1.0)  # a GOAWAY, a last WINDOW_UPDATE or RST_STREAM
                 nursery.cancel_scope.cancel()
         except Exception as exc:  # a bug here must not take the sidecar down
             log.error("HTTP/2 upstream connection failed", endpoint=str(self.endpoint), error=repr(exc))
@@ -158,21 +153,9 @@ class H2Connection:
             if self.draining and not self.streams and not self.reserved:
                 return
 
-    async def _writer(self) -> None:
-        pending, self._out = self._out, b""
-        while True:
-            data = pending + self.session.data_to_send()
-            pending = b""
-            if data:
-                try:
-                    await self.stream.send_all(data)
-                except _STREAM_ERRORS:
-                    self._lost("upstream connection lost while sending")
-                    self._reading.cancel()
-                    return
-                continue
-            await self._dirty.wait()
-            self._dirty = trio.Event()
+    def _send_failed(self) -> None:
+        self._lost("upstream connection lost while sending")
+        self._reading.cancel()
 
     def _handle(self, events: list[object]) -> None:
         streams = self.streams
