@@ -357,7 +357,9 @@ class Limits(_Model):
 class PoolSettings(_Model):
     """Reuse of upstream connections."""
 
-    max_idle_per_endpoint: int = Field(64, ge=0, description="Most idle connections kept open per endpoint.")
+    max_idle_per_endpoint: int = Field(
+        1024, ge=0, description="Most idle connections kept open per endpoint (as many as the circuit breaker allows)."
+    )
     idle_timeout: Duration = Field(60.0, description="An idle pooled connection is closed after this long.")
 
 

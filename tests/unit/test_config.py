@@ -175,7 +175,7 @@ def test_upstream_defaults_are_dumped_in_their_compact_forms() -> None:
                 "max_frame_size": "16KiB",
             },
         },
-        "pool": {"max_idle_per_endpoint": 64, "idle_timeout": "1m"},
+        "pool": {"max_idle_per_endpoint": 1024, "idle_timeout": "1m"},
         "balancer": {"policy": "p2c_ewma", "rtt": "30ms", "decay": "10s", "hash_on": None},
         "outlier": {
             "consecutive_failures": 5,
@@ -640,13 +640,13 @@ def test_redact_hides_secret_values_only() -> None:
         "identity": {"ca": {"url": "https://ca:8400", "token_file": "web.token", "password": None}},
         "list": [{"client_secret": "s3cret", "name": "x"}],
         "files": {"key_file": "key.pem", "cert": "cert.pem"},
-        "max_idle_per_endpoint": 64,
+        "max_idle_per_endpoint": 1024,
     }
     assert redact(data) == {
         "identity": {"ca": {"url": "https://ca:8400", "token_file": "<redacted>", "password": None}},
         "list": [{"client_secret": "<redacted>", "name": "x"}],
         "files": {"key_file": "<redacted>", "cert": "cert.pem"},
-        "max_idle_per_endpoint": 64,
+        "max_idle_per_endpoint": 1024,
     }
     assert data["files"]["key_file"] == "key.pem"  # the input is left alone
 
