@@ -468,7 +468,7 @@ class H2Session:
         return (
             not self._closed
             and self._goaway_received_last is None
-            and self._conn.open_outbound_streams < self._conn.remote_settings.max_concurrent_streams
+            and len(self._streams) < self._conn.remote_settings.max_concurrent_streams
         )
 
     @property
@@ -476,7 +476,8 @@ class H2Session:
         """Client side: how many more requests may be started now (0 after a GOAWAY or once closed)."""
         if self._closed or self._goaway_received_last is not None:
             return 0
-        return max(0, self._conn.remote_settings.max_concurrent_streams - self._conn.open_outbound_streams)
+        # Our own count: h2's open_outbound_streams walks every stream it knows on each call.
+        return max(0, self._conn.remote_settings.max_concurrent_streams - len(self._streams))
 
     def window(self, stream_id: int) -> int:
         """How many body bytes `send_data` would take now on `stream_id` (stream and connection windows)."""
@@ -828,8 +829,8 @@ class H2Session:
             # The client may not have seen our GOAWAY yet: not abuse.
             self._refuse(stream_id, ErrorCodes.REFUSED_STREAM, "stream opened after GOAWAY", events, premature=False)
             return
-        # h2 counts this stream already; streams we refused or rejected are closed and do not count.
-        if self._conn.open_inbound_streams > self.limits.max_concurrent_streams:
+        # Streams we refused or rejected are not among `_streams`.
+        if len(self._streams) >= self.limits.max_concurrent_streams:  # the new stream is not among them yet
             self._refuse(stream_id, ErrorCodes.REFUSED_STREAM, "max concurrent streams exceeded", events)
             return
         headers = [(n, v) for n, v in event.headers]
