@@ -309,6 +309,7 @@ class H2Exchange:
             raise trio.BrokenResourceError("an upgrade cannot be sent over HTTP/2")
         if session.stream_capacity <= 0 or conn.closed:
             self.error = "no stream available on the upstream connection"
+            self.error_code = ErrorCodes.REFUSED_STREAM  # nothing was sent
             conn._maybe_done()
             raise trio.BrokenResourceError(self.error)
         authority = head.authority or str(self.endpoint).encode()

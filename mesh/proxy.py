@@ -828,6 +828,7 @@ class _Downstream:
         replayable = head.method in IDEMPOTENT
         http1 = head.upgrade is not None
         conn = self.proxy.cluster.take_idle(endpoint, http1=http1)
+        replayed = False
         while True:
             reused = conn is not None
             if conn is None:
@@ -842,10 +843,13 @@ class _Downstream:
                 response, reader = await self._response_head(head, conn, ex)
                 return conn, response, reader
             except _UpstreamLost as lost:
+                # An HTTP/2 peer that refused the stream (REFUSED_STREAM, or above its GOAWAY) never processed it.
+                refused = getattr(conn, "error_code", None) == ErrorCodes.REFUSED_STREAM
                 conn.close()
                 self.upstream = conn = None
-                if not (reused and replayable and not lost.response_bytes):
-                    raise _TryFailed(MeshError(502, lost.reason), RESET) from None
+                if replayed or not (((reused and replayable) or refused) and not lost.response_bytes):
+                    raise _TryFailed(MeshError(502, lost.reason), RESET, never_ran=refused) from None
+                replayed = True
                 log.debug("retrying on a new connection", upstream=self.proxy.cluster.name, endpoint=ex.endpoint)
 
     async def _streaming_try(self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: _Exchange) -> bool:
