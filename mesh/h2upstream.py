@@ -232,6 +232,7 @@ class H2Exchange:
         "_head_only",
         "_parser",
         "_pending",
+        "_reserved",
         "breaker",
         "conn",
         "endpoint",
@@ -268,6 +269,7 @@ class H2Exchange:
         self._delivered = 0
         self._head_only = False
         self._chunked = False
+        self._reserved = True  # counted in conn.reserved until the head is sent or the exchange closes
 
     def __repr__(self) -> str:
         return f"<H2Exchange {self.endpoint} stream={self.stream_id}>"
@@ -301,16 +303,22 @@ class H2Exchange:
             else:
                 await conn.send(self, event, False)
 
+    def _unreserve(self) -> None:
+        """Give back the stream this exchange reserved on its connection (once)."""
+        if self._reserved:
+            self._reserved = False
+            self.conn.reserved -= 1
+            self.conn._maybe_done()
+
     def _send_head(self, head: RequestHead) -> None:
         conn = self.conn
         session = conn.session
-        conn.reserved -= 1
+        self._unreserve()
         if head.upgrade is not None:
             raise trio.BrokenResourceError("an upgrade cannot be sent over HTTP/2")
         if session.stream_capacity <= 0 or conn.closed:
             self.error = "no stream available on the upstream connection"
             self.error_code = ErrorCodes.REFUSED_STREAM  # nothing was sent
-            conn._maybe_done()
             raise trio.BrokenResourceError(self.error)
         authority = head.authority or str(self.endpoint).encode()
         headers: Headers = [
@@ -431,10 +439,8 @@ class H2Exchange:
     def close(self) -> None:
         conn = self.conn
         if self.stream_id == 0:
-            if self._parser is not None:
-                self._parser = None
-                conn.reserved -= 1
-                conn._maybe_done()
+            self._parser = None
+            self._unreserve()
             return
         if self.error is None and not (self.local_ended and self.remote_ended):
             window = sum(credit for _, credit in self._pending)

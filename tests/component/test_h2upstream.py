@@ -201,3 +201,14 @@ async def test_goaway_stops_new_streams_and_the_pool_looks_elsewhere(nursery: tr
     exchange.close()
     await trio.testing.wait_all_tasks_blocked()  # the last stream ended: the connection closes
     assert closed == [conn] and conn.closed
+
+
+async def test_a_request_http2_cannot_carry_gives_its_reserved_stream_back(nursery: trio.Nursery) -> None:
+    conn, _, _ = await setup(nursery)
+    exchange = conn.open()
+    assert conn.reserved == 1
+    with pytest.raises(trio.BrokenResourceError, match="upgrade"):
+        await exchange.send_all(b"GET /ws HTTP/1.1\r\nhost: api\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+    exchange.close()
+    exchange.close()
+    assert conn.reserved == 0 and conn.available
