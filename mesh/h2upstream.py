@@ -86,7 +86,7 @@ class H2Connection(SessionWriter):
         self.reserved = 0  # exchanges handed out that have not sent their HEADERS yet
         self.draining = False
         self.closed = False
-        self.requests = 0
+        self.requests = 0  # streams opened on it, for its repr
         self._on_close = on_close
         self._init_writer()
         self._window = trio.Event()  # set (and replaced) whenever a send window grows
@@ -94,7 +94,7 @@ class H2Connection(SessionWriter):
         self._out = self.session.initiate()
 
     def __repr__(self) -> str:
-        return f"<H2Connection {self.endpoint} streams={len(self.streams)} reserved={self.reserved}>"
+        return f"<H2Connection {self.endpoint} streams={len(self.streams)} requests={self.requests}>"
 
     @property
     def available(self) -> bool:
@@ -458,15 +458,6 @@ class H2Exchange:
             del conn.streams[self.stream_id]
             conn._maybe_done()
 
-    def idle_and_open(self) -> bool:
-        return False
-
-    async def send_eof(self) -> None:
-        raise trio.BrokenResourceError("HTTP/2 streams are not half-closed by the proxy")
-
-    async def aclose(self) -> None:
-        self.close()
-
 
 class H2Pool:
     """The HTTP/2 connections of one cluster, by endpoint: a request takes a stream on the first connection with
@@ -505,6 +496,3 @@ class H2Pool:
             if not keep(key):
                 for conn in conns:
                     conn.drain()
-
-    def count(self) -> int:
-        return sum(len(conns) for conns in self.connections.values())
