@@ -1,4 +1,6 @@
-"""grpcio clients and servers through an mTLS sidecar pair: every call shape, deadlines, cancellation, metadata."""
+"""grpcio clients and servers through an mTLS sidecar pair: every call shape, deadlines, cancellation, metadata.
+
+The call-shape tests are test_grpc_apps' own, run here with a `client` whose channel goes through the mesh."""
 
 from __future__ import annotations
 
@@ -15,6 +17,18 @@ import pytest
 from .clients import request
 from .conftest import free_port, sidecar_config
 from .grpc_apps import Client
+from .test_grpc_apps import (  # every call shape, as checked client → server directly, now through the mesh
+    test_bidi_ping_pong_100_rounds,  # noqa: F401
+    test_client_cancel_is_seen_by_the_server_within_1s,  # noqa: F401
+    test_client_streaming_counts_messages_and_bytes,  # noqa: F401
+    test_deadline_exceeded_on_sleep_and_server_sees_cancellation,  # noqa: F401
+    test_metadata_round_trip_including_binary,  # noqa: F401
+    test_server_streaming_sends_n_messages_in_order,  # noqa: F401
+    test_status_message_and_custom_and_binary_trailers_are_preserved,  # noqa: F401
+    test_unary_4_mib_both_ways,  # noqa: F401
+    test_unary_small_is_echoed_and_recorded,  # noqa: F401
+    test_unknown_method_and_service_are_unimplemented,  # noqa: F401
+)
 from .test_mtls import authority, write_identity  # noqa: F401  (authority is a fixture)
 
 ROOT = Path(__file__).parents[2]
@@ -81,63 +95,6 @@ def test_unary_small_crosses_the_mesh_with_the_callers_identity(client: Client) 
     [record] = client.stats(result.call_id)
     assert record["metadata"]["x-mesh-peer-identity"] == "spiffe://mesh.local/ns/default/dc/dc1/svc/web"
     assert 8 < record["time_remaining"] <= 10.01  # grpc-timeout travelled (and shrank a little)
-
-
-def test_unary_4_mib_both_ways(client: Client) -> None:
-    big = bytes(range(256)) * (4 * MiB // 256)
-    assert client.unary(big).response == big
-    result = client.unary(b"size:%d" % (4 * MiB))
-    assert result.code == grpc.StatusCode.OK and result.response == b"x" * (4 * MiB)
-
-
-def test_client_streaming(client: Client) -> None:
-    messages = [b"a" * n for n in (0, 1, 1000, 70000, 5)]
-    result = client.client_stream(iter(messages))
-    assert (result.code, result.response) == (grpc.StatusCode.OK, b"count=5 length=71006")
-
-
-def test_server_streaming(client: Client) -> None:
-    result = client.server_stream(5, 100_000)
-    assert result.code == grpc.StatusCode.OK
-    assert result.responses == [bytes([i]) * 100_000 for i in range(5)]
-
-
-def test_bidi_ping_pong(client: Client) -> None:
-    result = client.bidi(100)
-    assert result.code == grpc.StatusCode.OK
-    assert result.responses == [b"ping-%d" % i for i in range(100)]
-
-
-def test_deadline_exceeded_on_a_sleeping_server_which_sees_the_cancellation(client: Client) -> None:
-    result = client.sleep(10, timeout=0.5)
-    assert result.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    record = client.wait_record(result.call_id, lambda r: r["cancelled"])
-    assert record["cancelled"] and record["finished"] is None
-    assert 0 < record["time_remaining"] <= 0.51
-
-
-def test_client_cancel_reaches_the_server_within_1s(client: Client) -> None:
-    cancellation = client.cancel_after(0.3)
-    assert cancellation.code == grpc.StatusCode.CANCELLED
-    assert cancellation.lag is not None and 0 <= cancellation.lag < 1
-
-
-def test_status_message_custom_and_binary_trailers_are_preserved(client: Client) -> None:
-    result = client.status(grpc.StatusCode.NOT_FOUND, "no such thing: é 100%")
-    assert (result.code, result.details) == (grpc.StatusCode.NOT_FOUND, "no such thing: é 100%")
-    assert result.trailing_metadata["x-custom"] == "value"
-    assert result.trailing_metadata["x-bin-bin"] == b"\x00\x01\xff"
-
-
-def test_metadata_round_trip_including_binary(client: Client) -> None:
-    result = client.metadata([("x-text", "hello"), ("x-raw-bin", b"\x00\xff\x80")])
-    assert result.code == grpc.StatusCode.OK
-    for md in (result.initial_metadata, result.trailing_metadata):
-        assert md["x-text"] == "hello" and md["x-raw-bin"] == b"\x00\xff\x80"
-
-
-def test_unknown_method_is_unimplemented(client: Client) -> None:
-    assert client.unary(b"", "Nope").code == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_upstream_down_is_unavailable_with_the_mesh_reason(mesh, tmp_path, authority) -> None:  # noqa: F811
