@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from websockets.sync.client import connect as ws_connect
 
 from ca.authority import CertificateAuthority
 
@@ -88,6 +89,14 @@ def test_http1_requests_share_one_http2_mesh_connection(mesh, tmp_path, authorit
     assert 'mesh_upstream_connections_total{event="opened",upstream="api"} 1.0' in opened, opened
     detected = [line for line in metrics.splitlines() if line.startswith("mesh_protocol_detected_total{")]
     assert detected == ['mesh_protocol_detected_total{direction="outbound",listener="api",protocol="http1"} 12.0']
+
+
+def test_a_websocket_keeps_its_own_http1_connection_beside_the_http2_hop(mesh, tmp_path, authority, backend) -> None:
+    out_port, _, _, _ = start_pair(mesh, tmp_path, authority, backend["ws"], upstream={"mesh_http2": True})
+    with ws_connect(f"ws://127.0.0.1:{out_port}/") as ws:  # an upgrade: ALPN http/1.1, a connection of its own
+        for message in ("hello", "x" * 100_000, b"\x00\x01binary"):
+            ws.send(message)
+            assert ws.recv() == message
 
 
 def tls_client(in_port: int, cert_dir: Path | None, bundle: Path, data: bytes) -> bytes:
