@@ -7,7 +7,7 @@ import trio
 from mesh.http2 import H2Session
 from mesh.transport import Stream
 
-_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)  # a transport that failed
 
 
 class SessionWriter:
@@ -45,7 +45,7 @@ class SessionWriter:
             if data:
                 try:
                     await self.stream.send_all(data)
-                except _STREAM_ERRORS:
+                except STREAM_ERRORS:
                     self._send_failed()
                     return
                 continue

@@ -22,7 +22,7 @@ from h2.errors import ErrorCodes
 
 from mesh import http1
 from mesh.discovery import Endpoint
-from mesh.h2io import SessionWriter
+from mesh.h2io import STREAM_ERRORS, SessionWriter
 from mesh.http1 import END, ProtocolError, RequestHead, RequestReader
 from mesh.http2 import (
     ConnectionLost,
@@ -45,7 +45,6 @@ log = structlog.get_logger("mesh.h2upstream")
 
 _GRPC = b"application/grpc"
 _READ_SIZE = 65536
-_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 # The upstream side's HTTP/2 settings unless configured (`limits.http2`): a 1 MiB window per stream (a 4 MiB gRPC
@@ -140,7 +139,7 @@ class H2Connection(SessionWriter):
             with trio.move_on_after(idle) as scope:
                 try:
                     data = await self.stream.receive_some(_READ_SIZE)
-                except _STREAM_ERRORS:
+                except STREAM_ERRORS:
                     data = b""
             if scope.cancelled_caught:
                 if not self.streams and not self.reserved:
@@ -238,7 +237,6 @@ class H2Exchange:
         "endpoint",
         "error",
         "error_code",
-        "fd",
         "local_ended",
         "reader",
         "remote_ended",
@@ -254,7 +252,6 @@ class H2Exchange:
         self.stream = self  # the proxy sends and receives through `stream`, as on an HTTP/1.1 connection
         self.endpoint = conn.endpoint
         self.breaker = None  # the connection, not each stream, counts against the circuit breaker
-        self.fd = -1
         self.requests = 0
         self.reader = None
         self.stream_id = 0

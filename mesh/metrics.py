@@ -85,6 +85,7 @@ class Metrics:
         )
         self._connection_gauges: dict[tuple[str, str], Gauge] = {}
         self._error_counters: dict[tuple[str, str, str], Counter] = {}
+        self._protocol_counters: dict[tuple[str, str, str], Counter] = {}
 
     def _byte_counts(self, direction: str, upstream: str) -> list[int]:
         counts = self._bytes.get((direction, upstream))
@@ -129,7 +130,11 @@ class Metrics:
         counter.inc()
 
     def protocol_detected(self, direction: str, listener: str, protocol: str) -> None:
-        self._protocols.labels(direction, listener, protocol).inc()
+        key = (direction, listener, protocol)
+        counter = self._protocol_counters.get(key)
+        if counter is None:
+            counter = self._protocol_counters[key] = self._protocols.labels(*key)
+        counter.inc()
 
     def connection_opened(self, direction: str, listener: str) -> None:
         self._connection_gauge(direction, listener).inc()
