@@ -29,6 +29,7 @@ from mesh.identity import CaIdentity, backoff_delay, renewal_delay
 from mesh.listener import Drain
 from mesh.tls import TlsHandshakeError, TlsStream
 from sidecar.app import Sidecar
+from tests.ports import free_port
 
 TD = "mesh.local"
 WEB = f"spiffe://{TD}/ns/default/dc/dc1/svc/web"
@@ -404,9 +405,7 @@ async def test_ca_unreachable_at_start_is_retried_until_it_answers(
 ) -> None:
     utcnow = virtual_utcnow(dt.datetime.now(UTC))
     fake = FakeCa(tmp_path, utcnow)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        fake.port = probe.getsockname()[1]  # nothing listens there yet
+    fake.port = free_port()  # nothing listens there yet
     async with trio.open_nursery() as nursery:
         identity = identity_for(settings_for(fake, tmp_path), utcnow)
         await nursery.start(identity.run)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -23,31 +22,12 @@ import yaml
 from mesh.config import load_config, load_registry
 from sidecar import demo as demo_module
 from sidecar.demo import EXAMPLES, PORT_COUNT, render_configs
+from tests.ports import free_port_range
 
 START_TIMEOUT_S = 60  # generous: four Python processes start on a possibly loaded CI machine
 STOP_TIMEOUT_S = 30  # the demo's own bound is 10 s of SIGTERM grace, plus the sidecars' drain
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an environment HTTP proxy
-
-
-def free_port_range(count: int) -> int:
-    """The first of `count` consecutive loopback ports that all bind now."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - count)
-        probes: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                probe = socket.socket()
-                probes.append(probe)
-                probe.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
-        return base
-    raise AssertionError(f"no {count} consecutive free ports found")
 
 
 class Demo:
