@@ -15,6 +15,8 @@ from h2.errors import ErrorCodes
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import GoAwayFrame
 
+from mesh import hpackcache
+
 Headers = list[tuple[bytes, bytes]]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -406,6 +408,8 @@ class H2Session:
             normalize_outbound_headers=True,
         )
         self._conn = h2.connection.H2Connection(config)
+        self._conn.encoder = hpackcache.Encoder()  # reuses indexed fields; per-request ids never indexed
+        self._conn.decoder = hpackcache.Decoder()
         self._settings = {
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
