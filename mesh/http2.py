@@ -11,6 +11,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 from h2.errors import ErrorCodes
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import GoAwayFrame
@@ -279,6 +280,28 @@ def validate_trailers(headers: Headers) -> None:
         raise HeaderError("pseudo-header in trailers")
 
 
+_SECRET = frozenset({b"authorization", b"proxy-authorization"})
+_WHITESPACE = (b" ", b"\t")
+
+
+def outbound_headers(headers: Headers) -> Headers:
+    """What we send: names lower-cased, connection-specific fields and `te` other than "trailers" dropped, values
+    without surrounding whitespace, credentials and short cookies never indexed (h2's own normalisation rules,
+    in one pass instead of h2's chain of generators). Pseudo-header fields are ours and already first."""
+    out: Headers = []
+    for name, value in headers:
+        name = name.lower()
+        if name in CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
+            continue
+        if value[:1] in _WHITESPACE or value[-1:] in _WHITESPACE:
+            value = value.strip(b" \t")
+        if name in _SECRET or (name == b"cookie" and len(value) < 20):
+            out.append(hpack.NeverIndexedHeaderTuple(name, value))
+        else:
+            out.append((name, value))
+    return out
+
+
 def to_http1_headers(headers: Headers, *, validated: bool = False) -> tuple[bytes, bytes, bytes, Headers, int | None]:
     """Translate an HTTP/2 request head into (method, target, authority, fields, content_length) for HTTP/1.1.
 
@@ -404,8 +427,8 @@ class H2Session:
             header_encoding=None,
             validate_inbound_headers=False,  # ours, as stream errors
             normalize_inbound_headers=True,  # joins cookie crumbs
-            validate_outbound_headers=True,
-            normalize_outbound_headers=True,
+            validate_outbound_headers=False,  # outbound_headers(), cheaper, on every head we send
+            normalize_outbound_headers=False,
         )
         self._conn = h2.connection.H2Connection(config)
         self._conn.encoder = hpackcache.Encoder()  # reuses indexed fields; per-request ids never indexed
@@ -529,7 +552,7 @@ class H2Session:
             self._streams[stream_id] = _Stream(self._clock(), 0 if head else None)
         elif stream_id not in self._streams:
             return
-        self._conn.send_headers(stream_id, headers, end_stream=end_stream)
+        self._conn.send_headers(stream_id, outbound_headers(headers), end_stream=end_stream)
         if end_stream:
             self._local_end(stream_id)
         self._pull()

@@ -6,6 +6,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import hpack
 import pytest
 from h2.errors import ErrorCodes
 from hpack import Encoder
@@ -40,6 +41,7 @@ from mesh.http2 import (
     StreamReset,
     Trailers,
     WindowOpened,
+    outbound_headers,
     to_http1_headers,
     validate_request,
 )
@@ -705,3 +707,30 @@ def test_a_dropped_request_gives_its_body_window_back() -> None:
     assert server.receive(frames) == []
     increments = [f.window_increment for f in kinds(parse(server.data_to_send()), WindowUpdateFrame)]
     assert sum(increments) >= 32768
+
+
+def test_outbound_headers_follow_h2s_normalisation_in_one_pass() -> None:
+    sent = outbound_headers(
+        [
+            (b":status", b"200"),
+            (b"Content-Type", b" text/plain\t"),
+            (b"Connection", b"close"),
+            (b"keep-alive", b"timeout=5"),
+            (b"transfer-encoding", b"chunked"),
+            (b"te", b"gzip"),
+            (b"te", b"trailers"),
+            (b"authorization", b"Bearer abc"),
+            (b"cookie", b"a=1"),
+            (b"cookie", b"session=" + b"x" * 30),
+        ]
+    )
+    assert sent == [
+        (b":status", b"200"),
+        (b"content-type", b"text/plain"),
+        (b"te", b"trailers"),
+        (b"authorization", b"Bearer abc"),
+        (b"cookie", b"a=1"),
+        (b"cookie", b"session=" + b"x" * 30),
+    ]
+    never = [type(h) is hpack.NeverIndexedHeaderTuple for h in sent]
+    assert never == [False, False, False, True, True, False]  # credentials and short cookies stay out of HPACK
