@@ -342,8 +342,10 @@ class _H2Stream(_Downstream):
         h2.flush()
         upstream = conn.stream
         idle = self.timeouts.idle
+        event = None
         while not complete:
-            event = reader.next_event()
+            if event is None:
+                event = reader.next_event()
             if event is None:
                 self.deadline = trio.current_time() + idle
                 try:
@@ -365,6 +367,11 @@ class _H2Stream(_Downstream):
             else:
                 ex.tx += len(event)
                 self.deadline = trio.current_time() + idle
-                await h2.send(self.stream_id, event, False)
+                following = reader.next_event()  # END already read: the last DATA frame carries END_STREAM
+                await h2.send(self.stream_id, event, following is END)
+                complete = following is END
+                event = following
+                continue
+            event = None
         await self._hand_back(head, response, conn, ex, pump)
         return False
