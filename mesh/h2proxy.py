@@ -235,7 +235,7 @@ class _H2Stream(_Downstream):
     """One HTTP/2 stream served by the HTTP/1.1 exchange of `_Downstream`; only reading the body and writing the
     response differ."""
 
-    __slots__ = ("body", "cancel", "conn", "head", "reset", "stream_id")
+    __slots__ = ("body", "cancel", "conn", "expired", "head", "reset", "stream_id")
 
     def __init__(self, conn: H2Downstream, stream_id: int, head: RequestHead) -> None:
         proxy = conn.proxy
@@ -247,8 +247,8 @@ class _H2Stream(_Downstream):
         self.accepted = conn.accepted
         self.deadline = INF
         self.waiting_for = 0
-        self.timer = trio.CancelScope()
-        self.cancel = trio.CancelScope()
+        self.cancel = trio.CancelScope()  # one scope per stream (each costs microseconds): reset, loss, timeout
+        self.expired = False  # … and this tells a timeout (the sweeper's `expire`) from the others
         self.exchange = None
         self.upstream: UpstreamConnection | None = None
         self.timeouts = proxy.settings.timeouts
@@ -258,20 +258,27 @@ class _H2Stream(_Downstream):
         self.peer_ip = conn.peer_ip
         self.reset = False
 
+    def expire(self) -> None:
+        self.expired = True
+        self.cancel.cancel()
+
     async def run(self) -> None:
         sweeper = self.proxy.sweeper
         sweeper.add(self)
         try:
             with self.cancel:
-                with self.timer:
-                    await self._exchange(self.head)
-                if self.timer.cancelled_caught:
+                await self._exchange(self.head)
+            if self.cancel.cancelled_caught and self.expired and not self.reset:  # the deadline ended it
+                self.cancel = trio.CancelScope()
+                with self.cancel:
                     await self._timed_out()
         finally:
             sweeper.discard(self)
             if self.upstream is not None:
                 self.upstream.close()
             conn = self.conn
+            conn.session.abandon(self.stream_id)  # e.g. a request body stalled: the client learns it is over
+            conn.flush()
             conn.streams.pop(self.stream_id, None)
             if not conn.streams:
                 conn._streams_done.set()

@@ -590,6 +590,14 @@ class H2Session:
         self._conn.reset_stream(stream_id, error_code)
         self._pull()
 
+    def abandon(self, stream_id: int) -> None:
+        """The application is done with `stream_id`. If the stream is still open, reset it: NO_ERROR when our side
+        has ended (the rest of the request body is not wanted, RFC 9113 8.1), CANCEL when it has not (the peer
+        must not wait for an answer that will not come)."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self.reset(stream_id, ErrorCodes.NO_ERROR if stream.local_ended else ErrorCodes.CANCEL)
+
     def acknowledge(self, stream_id: int, length: int) -> None:
         """Return `length` bytes of receive window (a Data event's flow_controlled_length) once they are consumed.
 

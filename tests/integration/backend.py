@@ -12,6 +12,7 @@ HTTP routes (all count towards GET /__stats, which itself is not counted):
   /status?code=C   answers status C
   /truncate        promises 100000 bytes, sends 10, closes
   /close           answers, then closes the connection
+  /stall           promises 10 bytes, sends 5, then sends nothing more (keeps the connection open)
   /hold?key=K      waits until /release?key=K (stats["held"][K]: arrived, stats["holding"][K]: waiting now)
   /release?key=K   lets every /hold of K answer "released", now and later
 """
@@ -149,6 +150,11 @@ async def route(stream, conn, req: h11.Request) -> bool:
         await trio.sleep(float(query.get("s", "1")))
         await _respond(stream, conn, 200, b"slow done")
         return True
+    if path == "/stall":
+        await _drain_body(stream, conn)
+        await _send(stream, conn, h11.Response(status_code=200, headers=[("content-length", "10")]))
+        await _send(stream, conn, h11.Data(data=b"12345"))
+        await trio.sleep_forever()
     if path == "/hold":
         await _drain_body(stream, conn)
         key = query.get("key", "")

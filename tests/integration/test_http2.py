@@ -142,6 +142,48 @@ def test_mesh_errors_and_limits_answer_the_stream_not_the_connection(mesh) -> No
     assert after.headers[b":status"] == b"502"  # the connection outlived the bad stream
 
 
+def _outbound_with_idle_1s(mesh, backend) -> int:
+    port = free_port()
+    upstream = {"service": "api", "bind": f"127.0.0.1:{port}", "tls": "off", "retries": {"attempts": 0}}
+    config = sidecar_config(
+        service={"name": "web", "app": "127.0.0.1:1"},
+        upstreams=[{**upstream, "timeouts": {"idle": "1s"}}],
+        discovery={"static": {"api": [f"127.0.0.1:{backend['http']}"]}},
+    )
+    mesh.sidecar(config, "outbound")
+    return port
+
+
+def test_a_request_body_that_stalls_past_the_idle_timeout_resets_that_stream_only(mesh, backend) -> None:
+    client = H2Client(_outbound_with_idle_1s(mesh, backend))
+    try:
+        stalled = client.conn.get_next_available_stream_id()
+        head = [(b":method", b"POST"), (b":path", b"/consume"), (b":scheme", b"http"), (b":authority", b"api")]
+        client.conn.send_headers(stalled, [*head, (b"content-length", b"10")])
+        client.conn.send_data(stalled, b"12345")  # half the body, then nothing
+        client.answers[stalled] = Answer()
+        client.flush()
+        slow = client.send("GET", "/slow?s=2")  # in flight beside it, answered after the stalled one ended
+        answer, fine = client.wait(stalled, slow)
+    finally:
+        client.close()
+    assert answer.reset == h2.errors.ErrorCodes.CANCEL and not answer.headers
+    assert (fine.headers[b":status"], fine.body) == (b"200", b"slow done")  # the connection outlived the stream
+
+
+def test_a_response_that_stalls_past_the_idle_timeout_is_cut_with_a_reset(mesh, backend) -> None:
+    client = H2Client(_outbound_with_idle_1s(mesh, backend))
+    try:
+        stalled = client.send("GET", "/stall")
+        slow = client.send("GET", "/slow?s=2")
+        answer, fine = client.wait(stalled, slow)
+    finally:
+        client.close()
+    assert (answer.headers[b":status"], answer.body) == (b"200", b"12345")
+    assert answer.reset == h2.errors.ErrorCodes.CANCEL and not answer.ended  # never mistaken for a whole body
+    assert (fine.headers[b":status"], fine.body) == (b"200", b"slow done")
+
+
 def test_a_stream_the_client_resets_stops_its_upstream_request(http_pair, backend) -> None:
     port, _ = http_pair
     client = H2Client(port)
