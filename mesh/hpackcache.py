@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import hpack
-from hpack.hpack import _to_bytes, table_entry_size
+from hpack.hpack import INDEX_NEVER, _to_bytes, table_entry_size
 from hpack.table import HeaderTable
 
 # Fields whose value is new on (nearly) every request. Indexing them would add a table entry per request, which
@@ -24,7 +24,6 @@ UNIQUE_PER_REQUEST = frozenset(
     }
 )
 _CACHE_ENTRIES = 512  # per connection and direction; cleared whole when full
-_NEVER_INDEXED = 0x10
 
 
 class _Table(HeaderTable):
@@ -46,24 +45,6 @@ class _Table(HeaderTable):
         self.generation += 1
         HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
         self.resized = self.resized or pending
-
-
-def _integer(value: int, prefix_bits: int, flags: int) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((flags | value,))
-    out = bytearray((flags | limit,))
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _literal_never_indexed(name: bytes, value: bytes) -> bytes:
-    """RFC 7541 6.2.3 with a literal name, no Huffman coding."""
-    return b"".join((bytes((_NEVER_INDEXED,)), _integer(len(name), 7, 0), name, _integer(len(value), 7, 0), value))
 
 
 class Encoder(hpack.Encoder):
@@ -96,8 +77,8 @@ class Encoder(hpack.Encoder):
                 if encoded is not None:
                     parts.append(encoded)
                     continue
-                if field[0] in UNIQUE_PER_REQUEST:
-                    parts.append(_literal_never_indexed(*field))
+                if field[0] in UNIQUE_PER_REQUEST:  # RFC 7541 6.2.3, no Huffman coding
+                    parts.append(self._encode_literal(field[0], field[1], INDEX_NEVER, huffman=False))
                     continue
             encoded = self.add(field, sensitive, huffman)
             parts.append(encoded)
