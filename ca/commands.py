@@ -367,6 +367,7 @@ def _token(args: argparse.Namespace) -> int:
 # --- serve ---
 
 _DEFAULT_BIND = "127.0.0.1:8400"  # ca.server.DEFAULT_BIND, without importing the server for every ca command
+_DEFAULT_MAX_CONNECTIONS = 1024  # ca.server.ServerLimits' default, likewise
 
 
 def _address(text: str) -> Address:
@@ -389,7 +390,10 @@ def _add_serve(commands: Any) -> None:
             "the service mesh-ca. Rotations and tokens made while it runs take effect at once. It prints where it "
             "listens and the fingerprints of the bundle's roots, and runs until SIGINT or SIGTERM."
         ),
-        examples=["mesh ca serve --dir ca", "mesh ca serve --dir ca --bind 0.0.0.0:8400"],
+        examples=[
+            "mesh ca serve --dir ca",
+            "mesh ca serve --dir ca --bind 0.0.0.0:8400 --max-connections 4096",
+        ],
     )
     _add_dir(serve)
     serve.add_argument(
@@ -399,9 +403,28 @@ def _add_serve(commands: Any) -> None:
         metavar="ADDR",
         help=f"host:port to listen on (default: {_DEFAULT_BIND})",
     )
+    serve.add_argument(
+        "--max-connections",
+        type=_connections,
+        default=_DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="connections open at once; when three quarters of them are in their handshake, sending a request or "
+        f"idle, a new one closes the one that has waited longest (default: {_DEFAULT_MAX_CONNECTIONS})",
+    )
+
+
+def _connections(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 2:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 2, got {text!r}")
+    return count
 
 
 def _serve(args: argparse.Namespace) -> int:
     from ca import server  # lazily: the other ca commands need neither trio nor the server
 
-    return server.run(args.dir, args.bind)
+    limits = server.ServerLimits(max_connections=args.max_connections, max_waiting=args.max_connections * 3 // 4)
+    return server.run(args.dir, args.bind, limits)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ import trio
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from ca import tokens
+from ca import ratelimit, tokens
 from ca.authority import (
     DEFAULT_LEAF_TTL,
     STATE_FILE,
@@ -36,6 +37,7 @@ from ca.authority import (
 )
 from mesh import http1, spiffe
 from mesh import log as mesh_log
+from mesh.admission import Waiter, WaitingRoom
 from mesh.config import Address, parse_address, parse_duration
 from mesh.http1 import END, ProtocolError, RequestHead, RequestReader
 from mesh.listener import Drain, serve_tcp
@@ -63,15 +65,37 @@ _LINGER_BYTES = 1 << 20
 class ServerLimits:
     """What one client may cost: every connection has its own task, and these bound its time and memory."""
 
-    max_connections: int = 64
-    handshake_timeout: float = 10.0
+    max_connections: int = 1024
+    """Connections open at once; more wait in the listen backlog."""
+    max_waiting: int = 768
+    """Connections the server is waiting on: in their TLS handshake, sending a request, or idle between requests.
+    With this many, a new connection closes the one that has waited longest, so that slow or silent clients cannot
+    lock others out. Below max_connections, which leaves room for the requests being answered."""
+    handshake_timeout: float = 5.0
     head_timeout: float = 10.0
-    """From waiting for a request (an idle keep-alive connection included) until its head is complete."""
+    """From accept (the TLS handshake included), or from the previous response on a keep-alive connection, until
+    the request's head is complete."""
     body_timeout: float = 10.0
+    """From the end of the head until the body is complete."""
+    send_timeout: float = 10.0
+    """A response the client does not take within this is abandoned, and its connection closed."""
     max_body_bytes: int = 65536
     max_header_bytes: int = 16384
+    token_failures: int = 10
+    """Failed token attempts one client address may make in a row; then each is answered 429 with Retry-After,
+    without looking at the tokens, until the address may try again."""
+    token_failure_interval: float = 6.0
+    """Once the failures are spent, one more is allowed per this many seconds (10 a minute)."""
+    max_failing_clients: int = 4096
+    """Client addresses whose recent token failures are remembered; the one quiet for longest is forgotten first."""
     drain_timeout: float = 5.0
     """After SIGINT/SIGTERM, how long requests in progress may still take."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_waiting < self.max_connections:
+            raise ValueError(
+                f"max_waiting ({self.max_waiting}) must be positive and below max_connections ({self.max_connections})"
+            )
 
 
 # --- the CA as stored now, and the server's own certificate ---
@@ -160,8 +184,10 @@ def _server_context(issued: Issued, bundle_pem: bytes) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(_CIPHERS)
-    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_IGNORE_UNEXPECTED_EOF
-    ctx.num_tickets = 0  # every connection is verified against the bundle of its time: no resumption
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_IGNORE_UNEXPECTED_EOF | ssl.OP_NO_TICKET
+    # Every connection is verified against the bundle of its time: no tickets in TLS 1.3 (num_tickets) or 1.2
+    # (OP_NO_TICKET); a session still resumed from the server's session-ID cache is refused by mesh.tls.
+    ctx.num_tickets = 0
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.load_verify_locations(cadata=bundle_pem.decode("ascii"))
     assert issued.key_pem is not None  # issue() always makes a key
@@ -183,6 +209,8 @@ class _Peer:
     """The far end of one connection: its address and, if it presented one, its verified certificate."""
 
     address: str
+    client: str
+    """What token failures are counted by: ratelimit.client_key of the address."""
     identity: str | None
     certificate: bytes | None  # DER
 
@@ -238,6 +266,10 @@ class CAServer:
         # A logger per server, bound at first use: tests capture the lines of the server they start.
         self.log = structlog.get_logger("ca.server")
         self.authority = _Authority(self.directory, self.log)
+        self._waiting: WaitingRoom[Waiter] = WaitingRoom(limits.max_waiting)
+        self.failures = ratelimit.FailureLimiter(
+            burst=limits.token_failures, interval=limits.token_failure_interval, max_clients=limits.max_failing_clients
+        )
 
     def __repr__(self) -> str:
         return f"<CAServer {str(self.directory)!r} trust_domain={self.authority.ca.trust_domain!r}>"
@@ -245,107 +277,159 @@ class CAServer:
     # --- connections ---
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        """Handshake, then serve requests until the client closes, a limit is hit, or the drain begins."""
+        """Handshake, then serve requests until the client closes, a limit is hit, or the drain begins.
+
+        From accept until its first request is complete, and again from each response until the next request is,
+        the connection waits in the server's waiting room: when `limits.max_waiting` connections wait, a new one
+        evicts (closes) the one that has waited longest. serve_tcp closes `stream` when this returns, and cancels
+        this when the drain's time is up."""
+        accepted = trio.current_time()
         try:
             host, port = stream.socket.getpeername()[:2]
-            address = f"{host}:{port}"
+            address, client = f"{host}:{port}", ratelimit.client_key(host)
         except OSError:
-            address = ""
+            address = client = ""
         self.authority.refresh()
         context = self.authority.context
         assert context is not None  # _Authority refuses to start without one
         trio_sock = stream.socket
         sock = socket.socket(trio_sock.family, trio_sock.type, trio_sock.proto, fileno=trio_sock.detach())
-        with trio.move_on_after(self.limits.handshake_timeout) as scope:
-            try:
-                tls = await tls_accept(sock, context)
-            except TlsHandshakeError as exc:
-                self.log.info("TLS handshake refused", peer=address, reason=exc.reason)
-                return
-        if scope.cancelled_caught:  # tls_accept closed the socket
-            self.log.info("TLS handshake refused", peer=address, reason="handshake timed out")
-            return
-        peer = _Peer(address, tls.peer_identity, tls.socket.getpeercert(binary_form=True))
+        waiter = self._enter(accepted)
+        tls: TlsStream | None = None
         try:
-            await self._serve(tls, peer)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away; its last request, if any, has been logged
+            # The head deadline counts from accept, so it bounds the handshake too.
+            deadline = accepted + min(self.limits.handshake_timeout, self.limits.head_timeout)
+            with trio.CancelScope(deadline=deadline) as scope:
+                waiter.cancel = scope.cancel
+                try:
+                    tls = await tls_accept(sock, context)
+                except TlsHandshakeError as exc:
+                    self.log.info("TLS handshake refused", peer=address, reason=exc.reason)
+                    return
+            if tls is None:  # tls_accept closed the socket
+                if waiter.evicted:
+                    self._log_eviction(address, waiter, "handshake")
+                else:
+                    self.log.info("TLS handshake refused", peer=address, reason="handshake timed out")
+                return
+            peer = _Peer(address, client, tls.peer_identity, tls.socket.getpeercert(binary_form=True))
+            try:
+                await self._serve(tls, peer, waiter)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client went away; its last request, if any, has been logged
+            finally:
+                await tls.aclose()
         finally:
-            await tls.aclose()
+            self._waiting.leave(waiter)
 
-    async def _serve(self, tls: TlsStream, peer: _Peer) -> None:
+    def _enter(self, since: float) -> Waiter:
+        """The connection's place in the waiting room from `since`; a full room evicts those that waited longest.
+
+        The caller sets the waiter's `cancel` to the cancel scope of what it waits in, before its next checkpoint."""
+        waiter = Waiter(since, lambda: None)
+        for other in self._waiting.enter(waiter):
+            other.evict()
+        return waiter
+
+    def _log_eviction(self, address: str, waiter: Waiter, during: str) -> None:
+        waited = round(trio.current_time() - waiter.since, 3)
+        self.log.info("connection evicted", peer=address, during=during, waited_s=waited)
+
+    async def _serve(self, tls: TlsStream, peer: _Peer, waiter: Waiter) -> None:
+        """Serve the connection's requests in turn; `waiter` is its place in the waiting room for the first one.
+
+        Each request is read in a cancel scope that ends at its deadline (the head's, then the body's), when a newer
+        connection evicts this one, or, while the connection is idle, when the drain begins."""
         reader = RequestReader(max_header_bytes=self.limits.max_header_bytes, max_header_count=64)
         while True:
             started = time.perf_counter()
             head: RequestHead | None = None
+            body = b""
             try:
-                head = await self._read_head(tls, reader)
-                if head is None:
-                    return
-                if head.upgrade is not None:
-                    raise ProtocolError(400, "a protocol upgrade (this API speaks only HTTP/1.1)")
-                body = await self._read_body(tls, reader, head)
+                with trio.CancelScope(deadline=waiter.since + self.limits.head_timeout) as scope:
+                    waiter.cancel = scope.cancel
+                    try:
+                        head = await self._read_head(tls, reader, waiter)
+                        if head is None:
+                            return
+                        if head.upgrade is not None:
+                            raise ProtocolError(400, "a protocol upgrade (this API speaks only HTTP/1.1)")
+                        scope.deadline = trio.current_time() + self.limits.body_timeout
+                        body = await self._read_body(tls, reader, head)
+                    finally:
+                        self._waiting.leave(waiter)
+                if scope.cancelled_caught:
+                    if waiter.evicted:
+                        self._log_eviction(peer.address, waiter, "request" if head or reader.in_head else "idle")
+                        return
+                    if head is not None:
+                        raise ProtocolError(408, "body timeout")
+                    if reader.in_head:
+                        raise ProtocolError(408, "head timeout")
+                    return  # idle until the deadline, or until the drain began
             except ProtocolError as exc:
                 reply = _error(exc.status, _protocol_message(exc, self.limits))
                 self._log_request(head, peer, reply, started)
-                await tls.send_all(_response(reply, close=True))
-                if exc.status != 408:
+                if await self._send(tls, _response(reply, close=True)) and exc.status != 408:
                     await _linger(tls)  # let the client read this answer before a reset could destroy it
                 return
             reply = self.respond(head, body, peer)
             self._log_request(head, peer, reply, started)
             keep_alive = head.keep_alive and not self.drain.draining
-            await tls.send_all(_response(reply, close=not keep_alive, head_only=head.method == b"HEAD"))
+            if not await self._send(tls, _response(reply, close=not keep_alive, head_only=head.method == b"HEAD")):
+                return
             if not keep_alive:
                 return
+            waiter = self._enter(trio.current_time())
 
-    async def _read_head(self, tls: TlsStream, reader: RequestReader) -> RequestHead | None:
-        """The next request's head; None if the client closed or stayed idle (or the drain began) before sending.
+    async def _read_head(self, tls: TlsStream, reader: RequestReader, waiter: Waiter) -> RequestHead | None:
+        """The next request's head; None if the client closed before sending one. The caller bounds the time.
 
-        ProtocolError(408) if a head was started but not finished within the head timeout."""
-        with trio.move_on_after(self.limits.head_timeout) as scope:
-            idle = _IdleWait(scope)
-            self.drain.idle(idle)
-            try:
-                while True:
-                    event = reader.next_event()
-                    if isinstance(event, RequestHead):
-                        return event
-                    if event is not None:
-                        continue
-                    data = await tls.receive_some(_RECEIVE_SIZE)
-                    self.drain.busy(idle)
-                    if not data:
-                        return None
-                    reader.feed(data)
-            finally:
-                self.drain.busy(idle)
-        if reader.in_head:
-            raise ProtocolError(408, "head timeout")
-        return None
+        Until the first byte arrives the connection is idle: a drain that begins then ends the caller's wait."""
+        self.drain.idle(waiter)
+        try:
+            while True:
+                event = reader.next_event()
+                if isinstance(event, RequestHead):
+                    return event
+                if event is not None:
+                    continue
+                data = await tls.receive_some(_RECEIVE_SIZE)
+                self.drain.busy(waiter)
+                if not data:
+                    return None
+                reader.feed(data)
+        finally:
+            self.drain.busy(waiter)
 
     async def _read_body(self, tls: TlsStream, reader: RequestReader, head: RequestHead) -> bytes:
+        """The request's body, within its size limit; the caller bounds the time."""
         limit = self.limits.max_body_bytes
         if head.content_length is not None and head.content_length > limit:
             raise ProtocolError(413, "body too large")
         if head.expect_continue and head.has_body:
             await tls.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = bytearray()
-        with trio.move_on_after(self.limits.body_timeout):
-            while True:
-                event = reader.next_event()
-                if event is None:
-                    data = await tls.receive_some(_RECEIVE_SIZE)
-                    if not data:
-                        raise ProtocolError(400, "the connection closed in the middle of the body")
-                    reader.feed(data)
-                elif event is END:
-                    return bytes(body)
-                elif isinstance(event, bytes):
-                    body += event
-                    if len(body) > limit:
-                        raise ProtocolError(413, "body too large")
-        raise ProtocolError(408, "body timeout")
+        while True:
+            event = reader.next_event()
+            if event is None:
+                data = await tls.receive_some(_RECEIVE_SIZE)
+                if not data:
+                    raise ProtocolError(400, "the connection closed in the middle of the body")
+                reader.feed(data)
+            elif event is END:
+                return bytes(body)
+            elif isinstance(event, bytes):
+                body += event
+                if len(body) > limit:
+                    raise ProtocolError(413, "body too large")
+
+    async def _send(self, tls: TlsStream, data: bytes) -> bool:
+        """False if the client did not take `data` within the send timeout."""
+        with trio.move_on_after(self.limits.send_timeout):
+            await tls.send_all(data)
+            return True
+        return False
 
     def _log_request(self, head: RequestHead | None, peer: _Peer, reply: _Reply, started: float) -> None:
         # The path only: a query string could hold anything a client thought fit to send, a token included.
@@ -427,7 +511,7 @@ class CAServer:
             if scheme.lower() != b"bearer" or not secret:
                 raise _Refused(401, "unsupported Authorization header; send `Authorization: Bearer <token>`", _BEARER)
             log["token_id"] = tokens.token_id(secret)  # never the secret itself
-            service = self._verify_token(secret)
+            service = self._verify_token(secret, peer.client)
             return spiffe.SpiffeId(ca.trust_domain, "default", "dc1", service)
         if peer.certificate is None:
             raise _Refused(
@@ -438,7 +522,18 @@ class CAServer:
         log["auth"] = "certificate"
         return _certificate_identity(ca, peer)
 
-    def _verify_token(self, secret: str) -> str:
+    def _verify_token(self, secret: str, client: str) -> str:
+        """The service of a valid token. A client address that has failed too often is refused (429) without its
+        token being looked at, so that guessing tokens costs the guesser time rather than the CA its token store."""
+        now = trio.current_time()
+        wait = self.failures.retry_after(client, now)
+        if wait > 0:
+            seconds = math.ceil(wait)
+            raise _Refused(
+                429,
+                f"too many failed token attempts from {client}; try again in {seconds}s",
+                [(b"retry-after", b"%d" % seconds)],
+            )
         try:
             tokens.list(self.directory)  # a damaged store is the CA's problem, not the caller's
         except CAError as exc:
@@ -448,6 +543,7 @@ class CAServer:
         try:
             return tokens.verify(self.directory, secret)
         except CAError as exc:  # unknown, expired or revoked: the message names the token's id, never its secret
+            self.failures.failed(client, now)
             raise _Refused(401, str(exc), _BEARER) from None
 
 
@@ -548,19 +644,6 @@ def _protocol_message(exc: ProtocolError, limits: ServerLimits) -> str:
     return f"malformed request: {exc.reason}" if exc.status == 400 else exc.reason
 
 
-class _IdleWait:
-    """Registered with the Drain while a connection waits for its next request: the drain ends the wait."""
-
-    __slots__ = ("deadline", "scope")
-
-    def __init__(self, scope: trio.CancelScope) -> None:
-        self.scope = scope
-        self.deadline = float("inf")
-
-    def expire(self) -> None:
-        self.scope.cancel()
-
-
 async def _linger(tls: TlsStream) -> None:
     """Read and drop what the client still sends, briefly, so that closing with unread bytes (a TCP reset) does
     not destroy the error response before the client has read it."""
@@ -605,13 +688,13 @@ async def serve_ca(
     )
 
 
-def run(directory: Path, bind: Address) -> int:
+def run(directory: Path, bind: Address, limits: ServerLimits = ServerLimits()) -> int:
     """`mesh ca serve`: serve until SIGINT or SIGTERM, then drain and return 0.
 
     CAError or OSError (no CA in `directory`, address in use) propagate for the caller to report."""
     mesh_log.configure("info")
     try:
-        trio.run(_main, directory, bind)
+        trio.run(_main, directory, bind, limits)
     except BaseExceptionGroup as group:
         expected, rest = group.split((CAError, OSError))
         if expected is None or rest is not None:
@@ -625,7 +708,7 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-async def _main(directory: Path, bind: Address) -> None:
+async def _main(directory: Path, bind: Address, limits: ServerLimits) -> None:
     log = structlog.get_logger("ca.server")
     drain = Drain()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -643,7 +726,7 @@ async def _main(directory: Path, bind: Address) -> None:
 
             nursery.start_soon(on_signals)
             async with trio.open_nursery() as server:
-                bound = await server.start(partial(serve_ca, directory, bind, drain=drain))
+                bound = await server.start(partial(serve_ca, directory, bind, limits=limits, drain=drain))
                 _announce(directory, bound)
             nursery.cancel_scope.cancel()
 
