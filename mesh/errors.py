@@ -1,26 +1,73 @@
-"""Errors the mesh answers itself: an HTTP status plus the reason carried in `x-mesh-error`."""
+"""Errors the mesh answers itself: an HTTP status, the reason carried in `x-mesh-error`, and a reason code."""
 
 from __future__ import annotations
 
+# Reason codes: the bounded set that labels `mesh_errors_total` (docs/operations.md lists them). The free-text
+# reason (which may name a caller, an endpoint or a parser message) goes to `x-mesh-error` and the logs only.
+REASON_CODES = frozenset(
+    {
+        "bad_request",  # 400: the request cannot be framed safely (smuggling checks, malformed HTTP)
+        "denied",  # 403: the caller's identity is not allowed
+        "method_not_allowed",  # 405
+        "header_timeout",  # 408: the request head did not arrive in time
+        "body_too_large",  # 413
+        "unsupported_expect",  # 417
+        "headers_too_large",  # 431
+        "not_implemented",  # 501: a Transfer-Encoding other than chunked
+        "version_not_supported",  # 505
+        "connect_refused",  # 502: the endpoint refused the connection
+        "connect_failed",  # 502: another connect error (unreachable, reset during connect, ...)
+        "connect_timeout",  # 504
+        "tls_failed",  # 502: the mesh hop's TLS handshake failed (chain, protocol, cipher)
+        "tls_identity",  # 502: the peer's certificate is not the expected identity (or not an X.509-SVID)
+        "no_certificate",  # 502: this sidecar has no usable certificate
+        "upstream_reset",  # 502: the upstream closed, reset or refused before or while answering
+        "invalid_response",  # 502: the upstream's response could not be framed
+        "no_healthy_endpoints",  # 503
+        "discovery_unavailable",  # 503
+        "circuit_open",  # 503
+        "draining",  # 503: the sidecar is shutting down and did not forward the request
+        "request_timeout",  # 504: timeouts.request (or a caller's deadline) passed
+        "per_try_timeout",  # 504
+        "deadline_expired",  # 504: the request arrived with its deadline spent
+        "response_stalled",  # 504 / abort: the response stopped past timeouts.idle
+        "body_stalled",  # the request body stopped past timeouts.idle
+        "drain_cut",  # the drain deadline cut a request that had reached the upstream (it may have run)
+        "client_gone",  # the client went away mid-exchange
+        "other",
+    }
+)
+
 
 class MeshError(Exception):
-    """The mesh could not get a response from the upstream; answer `status` with `x-mesh-error: reason`."""
+    """The mesh could not get a response from the upstream; answer `status` with `x-mesh-error: reason`.
 
-    def __init__(self, status: int, reason: str) -> None:
+    `code` is one of REASON_CODES. Raise a new instance for every failure: a shared instance would collect the
+    traceback of every raise (and the frames and connections it references)."""
+
+    def __init__(self, status: int, reason: str, code: str = "other") -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.code = code if code in REASON_CODES else "other"
 
 
 def no_endpoints(resolved: bool) -> MeshError:
     if not resolved:
-        return MeshError(503, "discovery unavailable")
-    return MeshError(503, "no healthy endpoints")
+        return MeshError(503, "discovery unavailable", "discovery_unavailable")
+    return MeshError(503, "no healthy endpoints", "no_healthy_endpoints")
 
 
-CONNECT_TIMEOUT = MeshError(504, "upstream connect timeout")
-REQUEST_TIMEOUT = MeshError(504, "upstream request timeout")
-DEADLINE_EXPIRED = MeshError(504, "deadline expired before forwarding")
+def connect_timeout() -> MeshError:
+    return MeshError(504, "upstream connect timeout", "connect_timeout")
+
+
+def request_timeout() -> MeshError:
+    return MeshError(504, "upstream request timeout", "request_timeout")
+
+
+def deadline_expired() -> MeshError:
+    return MeshError(504, "deadline expired before forwarding", "deadline_expired")
 
 
 # gRPC status codes of the errors the mesh makes itself (DESIGN: connect/io → UNAVAILABLE, timeouts →

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from mesh.errors import REASON_CODES
+
 # What the library serves a scraper that states no preference: generate_latest with the 0.0.4 text format's
 # content type, which every Prometheus version reads (CONTENT_TYPE_LATEST says 1.0.0 in recent releases).
 _generate_text, _TEXT_CONTENT_TYPE = choose_encoder("")
@@ -33,6 +35,23 @@ REQUEST_DURATION_BUCKETS = (
 """Histogram bounds in seconds: 0.5 ms (a local hop) to 30 s (past the default 15 s request timeout)."""
 
 UPSTREAM_CONNECTION_EVENTS = ("opened", "reused", "closed_idle", "stale")
+
+UNANSWERED_REASONS = ("client_reset", "refused", "malformed", "connection_lost")
+"""Why an HTTP/2 request stream ended with no response from the mesh: the client reset it (a cancelled gRPC call),
+the session refused it (stream limit, after GOAWAY, rapid reset), it was malformed (RST_STREAM PROTOCOL_ERROR), or
+the connection ended under it."""
+
+TLS_REFUSAL_REASONS = (
+    "handshake_failed",
+    "handshake_timeout",
+    "no_certificate",
+    "not_svid",
+    "session_reused",
+    "identity_mismatch",
+)
+"""Why a TLS handshake on a mesh hop was refused: OpenSSL failed it (bad chain, protocol, cipher), it did not finish
+in time, this sidecar had no usable certificate, the peer's leaf is not an X.509-SVID, the peer resumed a session
+instead of presenting a certificate, or (outbound) the peer's SPIFFE ID is not the expected one."""
 
 
 class _RequestCell:
@@ -72,7 +91,8 @@ class Metrics:
         )
         self._mesh_errors = Counter(
             "mesh_errors",
-            "Errors the mesh produced itself (the x-mesh-error reason), not those of the application.",
+            "Errors the mesh produced itself, not those of the application, by reason code (the x-mesh-error text "
+            "is in the response and the logs).",
             ["direction", "upstream", "reason"],
             registry=self.registry,
         )
@@ -81,6 +101,20 @@ class Metrics:
             "Client connections of an HTTP listener by the protocol they turned out to speak: http1, http2 (h2c "
             "preface or ALPN h2), or none (closed or silent past timeouts.request_headers before sending a byte).",
             ["direction", "listener", "protocol"],
+            registry=self.registry,
+        )
+        self._unanswered = Counter(
+            "mesh_requests_unanswered",
+            "HTTP/2 request streams that ended without any response from the mesh, by reason: client_reset, "
+            "refused, malformed, connection_lost.",
+            ["direction", "upstream", "reason"],
+            registry=self.registry,
+        )
+        self._tls_refusals = Counter(
+            "mesh_tls_refused",
+            "Mesh-hop TLS connections refused, by reason: handshake_failed, handshake_timeout, no_certificate, "
+            "not_svid, session_reused, identity_mismatch.",
+            ["direction", "reason"],
             registry=self.registry,
         )
         self._connection_gauges: dict[tuple[str, str], Gauge] = {}
@@ -122,12 +156,27 @@ class Metrics:
         byte_counts[1] += tx
 
     def error(self, direction: str, upstream: str, reason: str) -> None:
-        """Count an error the mesh produced itself, by its reason (e.g. "upstream connect timeout")."""
+        """Count an error the mesh produced itself, by its reason code (mesh.errors.REASON_CODES, e.g.
+        "connect_timeout"); anything else counts as "other", so the label takes a bounded set of values."""
+        if reason not in REASON_CODES:
+            reason = "other"
         key = (direction, upstream, reason)
         counter = self._error_counters.get(key)
         if counter is None:
             counter = self._error_counters[key] = self._mesh_errors.labels(direction, upstream, reason)
         counter.inc()
+
+    def request_unanswered(self, direction: str, upstream: str, reason: str) -> None:
+        """Count an HTTP/2 request stream that ended with no response (`reason` from UNANSWERED_REASONS)."""
+        if reason not in UNANSWERED_REASONS:
+            raise ValueError(f"unknown unanswered-request reason {reason!r}")
+        self._unanswered.labels(direction, upstream, reason).inc()
+
+    def tls_refused(self, direction: str, reason: str) -> None:
+        """Count a refused mesh-hop TLS connection (`reason` from TLS_REFUSAL_REASONS)."""
+        if reason not in TLS_REFUSAL_REASONS:
+            raise ValueError(f"unknown TLS refusal reason {reason!r}")
+        self._tls_refusals.labels(direction, reason).inc()
 
     def protocol_detected(self, direction: str, listener: str, protocol: str) -> None:
         key = (direction, listener, protocol)

@@ -23,8 +23,10 @@ class FastStream(trio.abc.HalfCloseableStream):
     A receive that got data without waiting still yields once, as trio does: a connection whose next
     request is always already there would otherwise be served ahead of all others, which showed as a
     5x worse p99 under load. A send that completes at once does not yield (the next receive will);
-    every `YIELD_EVERY` such sends in a row yield once. Cancellation is delivered whenever a call waits
-    or yields. Only one task may send and one may receive at a time (as with any trio stream)."""
+    every `YIELD_EVERY` such sends in a row yield once. Cancellation is delivered whenever a call waits,
+    never at the yield after a call that has completed: bytes received are returned, not dropped, and a send
+    that went out is not reported as cancelled. Only one task may send and one may receive at a time (as with
+    any trio stream)."""
 
     __slots__ = ("_closed", "_streak", "socket")
 
@@ -41,7 +43,7 @@ class FastStream(trio.abc.HalfCloseableStream):
         self._streak += 1
         if self._streak >= YIELD_EVERY:
             self._streak = 0
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:

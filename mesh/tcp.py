@@ -98,7 +98,7 @@ class TcpProxy:
                 conn.close()
         except MeshError as exc:
             mesh_error = exc.reason
-            self.metrics.error(self.direction, cluster.name, exc.reason)
+            self.metrics.error(self.direction, cluster.name, exc.code)
         finally:
             downstream.close()
             self.metrics.connection_closed(self.direction, cluster.name)

@@ -47,9 +47,14 @@ def _context(
     # close_notify; without the flag OpenSSL 3 fails the connection and we could not send our remaining bytes.
     # Truncation is still detected where it matters, by the message framing above TLS (as with any HTTP/1.1 hop).
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_IGNORE_UNEXPECTED_EOF
+    # No session resumption: every connection presents a certificate and has it verified against the current
+    # bundle (a resumed session brings back the peer certificate of an earlier handshake). OP_NO_TICKET: no TLS
+    # 1.2 tickets issued, nor asked for; num_tickets = 0: no TLS 1.3 tickets. The stdlib offers no way to turn
+    # off the server's session-ID cache, so a TLS 1.2 client can still resume by session ID (while the session's
+    # first connection is open, or after it ended with a close_notify): TlsStream refuses every handshake that
+    # reports a reused session.
+    ctx.options |= ssl.OP_NO_TICKET
     if server_side:
-        # Our clients never resume sessions (every connection verifies the peer against the current bundle), so
-        # the TLS 1.3 session tickets a server sends by default would only cost CPU and bytes.
         ctx.num_tickets = 0
     else:
         ctx.check_hostname = False
@@ -61,11 +66,15 @@ def _context(
 
 
 class TlsHandshakeError(trio.BrokenResourceError):
-    """The TLS handshake failed; `reason` says why in plain words (e.g. "peer sent no certificate")."""
+    """The TLS handshake failed or was refused; `reason` says why in plain words (e.g. "peer sent no certificate").
 
-    def __init__(self, reason: str) -> None:
+    `refusal` names the kind (as metrics.TLS_REFUSAL_REASONS does): "handshake_failed" (OpenSSL failed it: chain,
+    protocol, cipher, ...) or "session_reused" (the peer resumed a session instead of presenting its certificate)."""
+
+    def __init__(self, reason: str, refusal: str = "handshake_failed") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.refusal = refusal
 
 
 class TlsStream(trio.abc.HalfCloseableStream):
@@ -122,6 +131,10 @@ class TlsStream(trio.abc.HalfCloseableStream):
     async def do_handshake(self) -> None:
         """Run the handshake; TlsHandshakeError says why it failed. Records the peer's SPIFFE ID and the ALPN choice.
 
+        A handshake that resumed a session is refused (TlsHandshakeError) once OpenSSL has completed it: the peer
+        sees the connection closed. Whether the peer's certificate is an X.509-SVID is the caller's to check
+        (mesh.transport does, on the mesh hop); peer_identity is read from its URI SAN alone.
+
         With TLS 1.3 the client's handshake ends before the server has checked the client's certificate: a server
         that refuses it is seen by the client on its first receive (BrokenResourceError with the reason)."""
         sock = self.socket
@@ -135,6 +148,10 @@ class TlsStream(trio.abc.HalfCloseableStream):
                 await self._wait(1)
             except OSError as exc:
                 raise TlsHandshakeError(describe(exc)) from exc
+        if sock.session_reused:
+            raise TlsHandshakeError(
+                "the peer resumed a TLS session instead of presenting its certificate", "session_reused"
+            )
         self.peer_identity = spiffe.peer_identity(sock.getpeercert())
         self._alpn = sock.selected_alpn_protocol()
 
@@ -158,10 +175,11 @@ class TlsStream(trio.abc.HalfCloseableStream):
             self._lots[direction].unpark_all()
 
     async def _maybe_yield(self) -> None:
+        # As FastStream: a yield after a call that completed never raises Cancelled (bytes received are returned).
         self._streak += 1
         if self._streak >= YIELD_EVERY:
             self._streak = 0
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:

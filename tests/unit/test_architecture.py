@@ -45,7 +45,7 @@ def test_only_the_cli_imports_sidecar_lazily() -> None:
 
 def test_sans_io_modules_do_not_import_trio() -> None:
     sans_io = ("http1.py", "pool.py", "balancer.py", "config.py", "spiffe.py", "outlier.py", "breaker.py")
-    for name in (*sans_io, "retry.py", "deadline.py", "http2.py", "hpackcache.py"):
+    for name in (*sans_io, "retry.py", "deadline.py", "http2.py", "hpackcache.py", "admission.py", "errors.py"):
         assert "trio" not in imported_roots(ROOT / "mesh" / name), name
 
 

@@ -80,12 +80,25 @@ def test_upstream_connection_events() -> None:
 
 def test_mesh_errors_by_reason() -> None:
     metrics = Metrics()
-    metrics.error("outbound", "api", "upstream connect timeout")
-    metrics.error("outbound", "api", "upstream connect timeout")
-    metrics.error("outbound", "api", "no healthy endpoints")
+    metrics.error("outbound", "api", "connect_timeout")
+    metrics.error("outbound", "api", "connect_timeout")
+    metrics.error("outbound", "api", "no_healthy_endpoints")
     labels = {"direction": "outbound", "upstream": "api"}
-    assert value(metrics, "mesh_errors_total", **labels, reason="upstream connect timeout") == 2
-    assert value(metrics, "mesh_errors_total", **labels, reason="no healthy endpoints") == 1
+    assert value(metrics, "mesh_errors_total", **labels, reason="connect_timeout") == 2
+    assert value(metrics, "mesh_errors_total", **labels, reason="no_healthy_endpoints") == 1
+
+
+def test_error_reasons_are_a_bounded_set_of_codes() -> None:
+    """Free text (a caller's SPIFFE ID, a parser message) never becomes a label value: one series per code."""
+    metrics = Metrics()
+    for n in range(50):
+        metrics.error("inbound", "api", f"caller spiffe://mesh.local/ns/default/dc/dc1/svc/s{n} denied")
+    metrics.error("inbound", "api", "denied")
+    labels = {"direction": "inbound", "upstream": "api"}
+    assert value(metrics, "mesh_errors_total", **labels, reason="other") == 50
+    assert value(metrics, "mesh_errors_total", **labels, reason="denied") == 1
+    series = [line for line in metrics.render()[0].decode().splitlines() if line.startswith("mesh_errors_total{")]
+    assert len(series) == 2
 
 
 def test_instances_do_not_share_samples() -> None:
@@ -106,4 +119,6 @@ def test_every_metric_is_described_before_any_sample() -> None:
         "mesh_upstream_connections_total",
         "mesh_errors_total",
         "mesh_protocol_detected_total",
+        "mesh_requests_unanswered_total",
+        "mesh_tls_refused_total",
     }

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import datetime as dt
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from ca.authority import CertificateAuthority
 from mesh import spiffe
 from mesh.spiffe import Authorizer, SpiffeId
 
@@ -88,6 +94,146 @@ def test_peer_identity_is_none_without_exactly_one_spiffe_uri(peercert: dict[str
 
 def test_peer_identity_accepts_a_non_consul_spiffe_id() -> None:
     assert spiffe.peer_identity(cert(("URI", "spiffe://partner.example/billing"))) == "spiffe://partner.example/billing"
+
+
+# --- the X.509-SVID rules, on a peer's DER certificate --------------------------------------------------------
+
+_KEY = ec.generate_private_key(ec.SECP256R1())
+_NOW = dt.datetime.now(dt.UTC)
+
+
+def key_usage(*, digital_signature: bool = True, cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not digital_signature,
+        key_cert_sign=cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def leaf_der(
+    *, ca: bool | None = False, usage: x509.KeyUsage | None = None, uris: tuple[str, ...] | None = (WEB,)
+) -> bytes:
+    """A certificate as a peer presents it (the signature does not matter here: OpenSSL has verified the chain)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web")])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(_KEY.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_NOW)
+        .not_valid_after(_NOW + dt.timedelta(hours=1))
+    )
+    if ca is not None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    if usage is not None:
+        builder = builder.add_extension(usage, critical=True)
+    if uris is not None:
+        names = [x509.UniformResourceIdentifier(uri) for uri in uris] + [x509.DNSName("web.internal")]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(_KEY, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def test_a_leaf_following_the_rules_is_its_spiffe_id() -> None:
+    assert spiffe.svid_identity(leaf_der(usage=key_usage())) == WEB
+    assert spiffe.svid_identity(leaf_der(ca=None, usage=key_usage())) == WEB  # basicConstraints may be absent
+
+
+@pytest.fixture(scope="module")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    return CertificateAuthority.init(tmp_path_factory.mktemp("ca") / "ca", "mesh.local", intermediate=True)
+
+
+def test_the_mesh_ca_issues_x509_svids_and_its_own_certificates_are_not(authority: CertificateAuthority) -> None:
+    issued = authority.issue("web")
+    assert spiffe.svid_identity(issued.certificate.public_bytes(serialization.Encoding.DER)) == WEB
+    root = authority.signing_root()
+    assert root.intermediate is not None
+    for ca_certificate in (root.certificate, root.intermediate):
+        with pytest.raises(ValueError, match=r"is a CA certificate \(basicConstraints CA:TRUE\)"):
+            spiffe.svid_identity(ca_certificate.public_bytes(serialization.Encoding.DER))
+
+
+@pytest.mark.parametrize(
+    ("der", "reason"),
+    [
+        (
+            leaf_der(ca=True, usage=key_usage(cert_sign=True, crl_sign=True)),
+            "peer certificate is a CA certificate (basicConstraints CA:TRUE), not an X.509-SVID",
+        ),
+        (leaf_der(ca=True, usage=None), "peer certificate is a CA certificate (basicConstraints CA:TRUE)"),
+        (
+            leaf_der(usage=key_usage(cert_sign=True)),
+            "peer certificate can sign certificates (keyUsage keyCertSign), not an X.509-SVID",
+        ),
+        (
+            leaf_der(usage=key_usage(crl_sign=True)),
+            "peer certificate can sign CRLs (keyUsage cRLSign), not an X.509-SVID",
+        ),
+        (
+            leaf_der(usage=key_usage(digital_signature=False)),
+            "peer certificate lacks keyUsage digitalSignature, which an X.509-SVID must have",
+        ),
+        (leaf_der(usage=None), "peer certificate has no keyUsage extension (an X.509-SVID must have digitalSignature)"),
+        (leaf_der(usage=key_usage(), uris=None), "peer certificate has no URI SAN (an X.509-SVID has exactly one"),
+        (leaf_der(usage=key_usage(), uris=()), "peer certificate has no URI SAN (an X.509-SVID has exactly one"),
+        (
+            leaf_der(usage=key_usage(), uris=(WEB, "spiffe://mesh.local/ns/default/dc/dc1/svc/api")),
+            "peer certificate has 2 URI SANs (an X.509-SVID has exactly one",
+        ),
+        (
+            leaf_der(usage=key_usage(), uris=("https://web.example",)),
+            "peer certificate's URI SAN is not a SPIFFE ID: 'https://web.example' is not a SPIFFE ID",
+        ),
+        (
+            leaf_der(usage=key_usage(), uris=("spiffe://mesh.local",)),
+            "peer certificate's URI SAN is not a SPIFFE ID: 'spiffe://mesh.local' is not a workload SPIFFE ID",
+        ),
+        (b"\x30\x03\x02\x01\x00", "peer certificate cannot be parsed"),
+    ],
+    ids=[
+        "ca",
+        "ca-without-key-usage",
+        "key-cert-sign",
+        "crl-sign",
+        "no-digital-signature",
+        "no-key-usage",
+        "no-san",
+        "no-uri-san",
+        "two-uri-sans",
+        "not-spiffe",
+        "trust-domain-only",
+        "not-der",
+    ],
+)
+def test_a_leaf_breaking_a_rule_is_refused_with_the_rule(der: bytes, reason: str) -> None:
+    for _ in range(2):  # the second answer comes from the cache, and says the same
+        with pytest.raises(ValueError) as info:
+            spiffe.svid_identity(der)
+        assert str(info.value).startswith(reason)
+
+
+def test_no_certificate_is_no_x509_svid() -> None:
+    with pytest.raises(ValueError, match=r"^peer presented no certificate$"):
+        spiffe.svid_identity(None)
+
+
+def test_verdicts_are_cached_by_the_certificate_bytes_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spiffe, "_SVID_VERDICTS_MAX", 3)
+    monkeypatch.setattr(spiffe, "_svid_verdicts", {})
+    certificates = [leaf_der(usage=key_usage()) for _ in range(5)]
+    for der in certificates:
+        assert spiffe.svid_identity(der) == WEB
+        assert len(spiffe._svid_verdicts) <= 3
+    assert list(spiffe._svid_verdicts) == certificates[2:]  # the oldest verdicts go first
+    assert spiffe.svid_identity(bytes(certificates[4])) == WEB  # equal bytes, another object: a cache hit
+    assert len(spiffe._svid_verdicts) == 3
 
 
 def authorizer(allow: list[str], deny: list[str] | None = None) -> Authorizer:
