@@ -11,7 +11,15 @@ from typing import Any
 import yaml
 
 from mesh import __version__
-from mesh.config import ConfigError, SidecarConfig, dump_config, load_config
+from mesh.config import (
+    ConfigError,
+    SidecarConfig,
+    dump_config,
+    inbound_default,
+    load_config,
+    redact,
+    unreadable_files,
+)
 
 DEFAULT_DEMO_BASE_PORT = 18000
 
@@ -78,8 +86,11 @@ def _add_config(commands: _Commands) -> None:
         help="validate a sidecar config and print it normalised",
         description=(
             "Validate a sidecar configuration file. On success print the normalised configuration "
-            "(every default filled in) as YAML on stdout; otherwise print one line per problem, "
-            "'FILE: path.to.field: what is wrong', on stderr and exit with status 1."
+            "(every default filled in, secrets redacted) as YAML on stdout and 'FILE: ok' on stderr; "
+            "otherwise print one line per problem, 'FILE: path.to.field: what is wrong', on stderr and exit "
+            "with status 1. A valid configuration may still earn warnings on stderr, 'FILE: path.to.field: "
+            "warning: ...' (a file it names does not exist yet, an inbound that admits every identity of the "
+            "trust domain); the exit status stays 0."
         ),
         examples=["mesh config check sidecar.yaml"],
     )
@@ -103,7 +114,8 @@ def _add_sidecar(commands: _Commands) -> None:
         help="run a sidecar from a config file",
         description=(
             "Load the configuration and run the sidecar (its inbound listener, upstream listeners and admin "
-            "listener) until it is stopped with SIGINT or SIGTERM."
+            "listener) until it is stopped with SIGINT or SIGTERM, which drain it first. SIGHUP is logged and "
+            "ignored: the configuration is not reloaded, so restart the sidecar to apply a changed file."
         ),
         examples=["mesh sidecar run --config sidecar.yaml"],
     )
@@ -172,8 +184,17 @@ def _config_check(args: argparse.Namespace) -> int:
     config = _load(args.file)
     if config is None:
         return 1
-    sys.stdout.write(yaml.safe_dump(dump_config(config), sort_keys=False))
-    print(f"{args.file}: ok", file=sys.stderr)
+    sys.stdout.write(yaml.safe_dump(redact(dump_config(config)), sort_keys=False))
+    warnings = unreadable_files(config)
+    default = inbound_default(config)
+    if default is not None:
+        warnings.append((default.setting, f"the inbound listener admits {default.admits}; {default.restrict}"))
+    for setting, message in warnings:
+        print(f"{args.file}: {setting}: warning: {message}", file=sys.stderr)
+    if not warnings:
+        print(f"{args.file}: ok", file=sys.stderr)
+    else:
+        print(f"{args.file}: ok, with {len(warnings)} warning{'s' if len(warnings) > 1 else ''}", file=sys.stderr)
     return 0
 
 

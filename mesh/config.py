@@ -42,6 +42,7 @@ __all__ = [
     "IdentityFiles",
     "IdentityFromCA",
     "IdentitySettings",
+    "InboundDefault",
     "InboundSettings",
     "Limits",
     "LogSettings",
@@ -59,6 +60,7 @@ __all__ = [
     "dump_config",
     "format_duration",
     "format_size",
+    "inbound_default",
     "load_config",
     "load_registry",
     "parse_address",
@@ -67,6 +69,7 @@ __all__ = [
     "parse_registry",
     "parse_size",
     "redact",
+    "unreadable_files",
 ]
 
 
@@ -260,6 +263,20 @@ def _check_path_segment(value: object) -> str:
     return value
 
 
+def _check_upgrade(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
+        raise ValueError(f"must be an Upgrade protocol name such as 'websocket' (got {_show(value)})")
+    if value.lower() == "h2c":
+        raise ValueError("'h2c' cannot be tunnelled: the sidecar speaks HTTP/2 itself (prior knowledge or ALPN h2)")
+    return value.lower()
+
+
+UpgradeList = Annotated[
+    list[Annotated[str, BeforeValidator(_check_upgrade)]],
+    Field(description="Upgrade protocols tunnelled after a 101; any other Upgrade header is removed."),
+]
+
+
 def _check_allowed_peer(value: object) -> str:
     if isinstance(value, str) and value.startswith("spiffe://"):
         trust_domain, _, path = value.removeprefix("spiffe://").partition("/")
@@ -299,7 +316,7 @@ class _Model(BaseModel):
 
 
 class MeshSettings(_Model):
-    """Mesh-wide identity settings; together with a service name they form its SPIFFE ID."""
+    """Mesh-wide identity settings (together with a service name they form its SPIFFE ID) and default policy."""
 
     trust_domain: Annotated[str, BeforeValidator(_check_trust_domain)] = Field(
         "mesh.local", description="SPIFFE trust domain shared by every sidecar of the mesh."
@@ -311,6 +328,11 @@ class MeshSettings(_Model):
     datacenter: Annotated[str, BeforeValidator(_check_path_segment)] = Field(
         "dc1", description="Datacenter part of the SPIFFE IDs (.../dc/<datacenter>/svc/<service>)."
     )
+    default_policy: Literal["allow", "deny"] = Field(
+        "allow",
+        description="Who an mTLS inbound with an empty allow list admits: allow, any identity of the trust domain "
+        "(Consul's default without ACLs); deny, nobody.",
+    )
 
 
 class Timeouts(_Model):
@@ -318,7 +340,11 @@ class Timeouts(_Model):
 
     connect: Duration = Field(1.0, description="Longest wait for a TCP (and TLS) connection to be established.")
     request_headers: Duration = Field(10.0, description="Longest wait for a client to send the request head.")
-    request: Duration = Field(15.0, description="Whole-request deadline including retries; 0 turns it off.")
+    request: Duration = Field(
+        15.0,
+        description="Deadline for the response head, counted from when the request body has been forwarded, "
+        "including retries; 0 turns it off. While the body streams, `idle` applies to its progress.",
+    )
     idle: Duration = Field(3600.0, description="An idle client connection is closed after this long.")
 
 
@@ -350,6 +376,12 @@ class Limits(_Model):
     max_header_count: int = Field(100, ge=1, description="Most header fields in one head; more gets 431.")
     max_body_bytes: Size | None = Field(
         None, description="Largest request body; a larger one gets 413. null means unlimited."
+    )
+    request_buffer: Size = Field(
+        64 * 1024,
+        description="Request body bytes read before a request is sent on (all of it if it is shorter), so that a "
+        "client trickling its body holds no upstream connection or circuit-breaker slot; 0 sends at once. "
+        "Not applied to gRPC or to requests that wait for 100 Continue.",
     )
     http2: Http2Settings = Field(default_factory=Http2Settings, description="HTTP/2 streams, windows and frames.")
 
@@ -514,11 +546,12 @@ class InboundSettings(_Model):
     )
     allow: list[Annotated[str, BeforeValidator(_check_allowed_peer)]] = Field(
         default_factory=list,
-        description="Callers allowed in: service names or full spiffe:// IDs; empty: any service of the trust domain.",
+        description="Callers allowed in: service names or full spiffe:// IDs; empty: as mesh.default_policy says.",
     )
     deny: list[Annotated[str, BeforeValidator(_check_allowed_peer)]] = Field(
         default_factory=list, description="Callers refused even if allowed: service names or full spiffe:// IDs."
     )
+    upgrades: UpgradeList = Field(default_factory=lambda: ["websocket"])
     timeouts: Timeouts = Field(default_factory=Timeouts, description="Time limits of inbound requests.")
     limits: Limits = Field(default_factory=Limits, description="Resource limits of the inbound listener.")
     pool: PoolSettings = Field(default_factory=PoolSettings, description="Connections kept to the local app.")
@@ -547,6 +580,7 @@ class UpstreamSettings(_Model):
         None,
         description="The SPIFFE ID the peers must present; default: the service's ID in this mesh.",
     )
+    upgrades: UpgradeList = Field(default_factory=lambda: ["websocket"])
     timeouts: Timeouts = Field(default_factory=Timeouts, description="Time limits of requests to this service.")
     limits: Limits = Field(default_factory=Limits, description="Resource limits of this listener.")
     pool: PoolSettings = Field(default_factory=PoolSettings, description="Connections kept to peer sidecars.")
@@ -1065,6 +1099,66 @@ def redact(d: dict[str, Any]) -> dict[str, Any]:
         return value
 
     return walk(d)
+
+
+# --- valid, but worth a warning ---
+
+
+class InboundDefault(NamedTuple):
+    """What an mTLS inbound admits when no allow entry names the caller, and how to restrict it."""
+
+    setting: str
+    admits: str
+    restrict: str
+
+
+def inbound_default(cfg: SidecarConfig) -> InboundDefault | None:
+    """Whom an mTLS inbound with an empty allow list admits (mesh.default_policy decides); None when there is no
+    mTLS inbound or its allow list names the callers."""
+    inbound = cfg.inbound
+    if inbound is None or inbound.tls != "mutual" or inbound.allow:
+        return None
+    if cfg.mesh.default_policy == "deny":
+        return InboundDefault(
+            "inbound.allow",
+            "no caller: inbound.allow is empty and mesh.default_policy is deny",
+            "list the callers in inbound.allow",
+        )
+    return InboundDefault(
+        "inbound.allow",
+        f"every identity of trust domain '{cfg.mesh.trust_domain}': inbound.allow is empty and "
+        "mesh.default_policy is allow",
+        "list the callers in inbound.allow, or set mesh.default_policy: deny to admit none by default",
+    )
+
+
+_NOT_READY = "the sidecar is not ready, and refuses mutual TLS, until it can read it"
+
+
+def unreadable_files(cfg: SidecarConfig) -> list[tuple[str, str]]:
+    """(setting, message) for each file the config names that is not there now. A valid config may name files
+    that appear later (the sidecar waits for them), so these are warnings; each message says what it costs."""
+    files: list[tuple[str, Path | None, str]] = []
+    if cfg.discovery is not None:
+        unresolved = "the upstream services stay unresolved (503 discovery unavailable) until it can be read"
+        files.append(("discovery.file", cfg.discovery.file, unresolved))
+    if cfg.identity is not None and cfg.identity.files is not None:
+        certs = cfg.identity.files.model_dump()  # cert, key, bundle: absolute paths
+        files += [(f"identity.files.{name}", path, _NOT_READY) for name, path in certs.items()]
+    if cfg.identity is not None and cfg.identity.ca is not None:
+        ca = cfg.identity.ca
+        files.append(("identity.ca.token_file", ca.token_file, "the CA issues no first certificate without it"))
+        files.append(("identity.ca.bundle", ca.bundle, "the CA cannot be verified, so no certificate is asked for"))
+    if cfg.consul is not None:
+        files.append(("consul.ca_file", cfg.consul.ca_file, "the sidecar stops at its first call to the Consul agent"))
+        files.append(("consul.token_file", cfg.consul.token_file, "the sidecar does not start without it"))
+    problems = []
+    for setting, path, cost in files:
+        if path is None or path.is_file():
+            continue
+        state = "is not a file" if path.exists() else "does not exist"
+        problems.append((setting, f"{path} {state}: {cost}"))
+    return problems
 
 
 # --- error wording ---

@@ -15,6 +15,7 @@ from mesh.config import ConfigError, DiscoverySettings, EndpointSpec, load_regis
 from mesh.watch import Watch
 
 _NO_META: Mapping[str, str] = MappingProxyType({})
+_NO_ERRORS: Mapping[str, str | None] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,12 @@ class Discovery(Protocol):
         """The service's endpoint set, None until first resolved; repeated calls return the same watch."""
         ...
 
+    @property
+    def errors(self) -> Mapping[str, str | None]:
+        """Per watched service, the source's current error: why its set may be stale, or, while the service is
+        unresolved, why it has none; None while the source answers."""
+        ...
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the watches fresh until cancelled; `started()` once the first resolution attempt finished
         (whether or not it succeeded)."""
@@ -99,6 +106,10 @@ class StaticDiscovery:
             self._watches[service] = Watch(EndpointSet((), self._learned_at, "static"))
         return self._watches[service]
 
+    @property
+    def errors(self) -> Mapping[str, str | None]:
+        return _NO_ERRORS  # the config never changes, so it never fails
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         await trio.sleep_forever()
@@ -121,9 +132,10 @@ class FileDiscovery:
 
     The file is polled with `trio.sleep`, which works on every platform and file system without inotify.
     It is read inline on the event loop: a local registry is small, and this keeps polling deterministic
-    under a mock clock. A file that is missing or invalid on reload leaves the last good endpoints in place
-    and is logged once per distinct error; one that is bad from the start leaves the services unresolved.
-    A service that leaves the file is published with no endpoints.
+    under a mock clock. A file that is missing or invalid on reload leaves the last good endpoints in place,
+    republished with `error` saying why they may be stale, and is logged once per distinct error; one that is
+    bad from the start leaves the services unresolved, `errors` saying why. A service that leaves the file is
+    published with no endpoints.
     """
 
     def __init__(self, path: Path, *, poll_interval: float = 1.0, log: Any = None) -> None:
@@ -135,7 +147,7 @@ class FileDiscovery:
         self._services: dict[str, tuple[Endpoint, ...]] | None = None  # None until a load succeeded
         self._learned_at = 0.0
         self._signature: _FileSignature = None
-        self._reported_error: str | None = None
+        self._error: str | None = None  # why the file cannot be used now, None while it can
 
     def __repr__(self) -> str:
         services = None if self._services is None else sorted(self._services)
@@ -145,6 +157,10 @@ class FileDiscovery:
         if service not in self._watches:
             self._watches[service] = Watch(self._current_set(service))
         return self._watches[service]
+
+    @property
+    def errors(self) -> Mapping[str, str | None]:
+        return {service: self._error for service in self._watches}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._signature = _signature(self.path)
@@ -160,7 +176,7 @@ class FileDiscovery:
     def _current_set(self, service: str) -> EndpointSet | None:
         if self._services is None:
             return None
-        return EndpointSet(self._services.get(service, ()), self._learned_at, self._source)
+        return EndpointSet(self._services.get(service, ()), self._learned_at, self._source, self._error)
 
     def _load(self) -> None:
         try:
@@ -168,17 +184,20 @@ class FileDiscovery:
         except ConfigError as exc:
             self._report(exc)
             return
-        self._reported_error = None
+        self._error = None
         services = {service: _endpoints(specs) for service, specs in registry.services.items()}
         first_load = self._services is None
         self._services, self._learned_at = services, time.time()
-        changed = [
-            service
-            for service, watch in self._watches.items()
-            if watch.value is None or watch.value.endpoints != services.get(service, ())
-        ]
-        for service in changed:
-            self._watches[service].set(self._current_set(service))
+        changed = []
+        for service, watch in self._watches.items():
+            endpoints, current = services.get(service, ()), watch.value
+            if current is None or current.endpoints != endpoints:
+                changed.append(service)
+            elif current.error is not None:  # the same endpoints, no longer stale
+                endpoints = current.endpoints  # the same tuple object: balancer and ejection caches stay valid
+            else:
+                continue
+            watch.set(EndpointSet(endpoints, self._learned_at, self._source))
         self._log.info(
             "registry loaded" if first_load else "registry reloaded",
             file=str(self.path),
@@ -188,18 +207,22 @@ class FileDiscovery:
         )
 
     def _report(self, exc: ConfigError) -> None:
-        error = str(exc)
-        if error == self._reported_error:
+        error = "; ".join(exc.errors)
+        if error == self._error:
             return
-        self._reported_error = error
+        self._error = error
         if self._services is None:
             self._log.error("registry unusable; its services stay unresolved", file=str(self.path), errors=exc.errors)
-        else:
-            self._log.warning(
-                "registry reload failed; keeping the last good endpoints",
-                file=str(self.path),
-                errors=exc.errors,
-            )
+            return
+        self._log.warning(
+            "registry reload failed; keeping the last good endpoints",
+            file=str(self.path),
+            errors=exc.errors,
+        )
+        for watch in self._watches.values():
+            current = watch.value
+            assert current is not None  # every watch holds a set once a load has succeeded
+            watch.set(EndpointSet(current.endpoints, current.updated_at, current.source, error))  # its age kept
 
 
 def discovery_from_settings(settings: DiscoverySettings) -> Discovery:

@@ -14,11 +14,20 @@ import trio
 from mesh import log as mesh_log
 from mesh.admin import AdminApp
 from mesh.cluster import Cluster
-from mesh.config import Address, BalancerSettings, InboundSettings, SidecarConfig, UpstreamSettings, dump_config, redact
+from mesh.config import (
+    Address,
+    BalancerSettings,
+    InboundSettings,
+    SidecarConfig,
+    UpstreamSettings,
+    dump_config,
+    inbound_default,
+    redact,
+)
 from mesh.consul import ConsulAgent, ConsulDiscovery
 from mesh.discovery import Discovery, Endpoint, EndpointSet, discovery_from_settings
 from mesh.identity import identity_source
-from mesh.listener import Drain, serve_tcp
+from mesh.listener import Drain, open_listeners, serve_tcp
 from mesh.metrics import Metrics
 from mesh.proxy import HttpProxy, HttpProxySettings, h2_limits
 from mesh.registration import Registration
@@ -29,6 +38,9 @@ from mesh.transport import Acceptor, MutualTlsAccept, PlainAccept, UpstreamTls
 from mesh.watch import Watch
 
 log = structlog.get_logger("sidecar")
+
+READINESS_CHECK_INTERVAL = 1.0
+"""Seconds between checks of what /ready answers, to log its changes (a certificate also expires with time alone)."""
 
 
 class Sidecar:
@@ -64,7 +76,8 @@ class Sidecar:
             self.metrics.watch_certificate_expiry(self.identity.seconds_until_expiry)
         self.clusters: list[Cluster] = []
         self.metrics.watch_clusters(lambda: self.clusters)
-        self.listeners: list[tuple[str, Address, Any, int]] = []  # (name, bind, handler, max_connections)
+        # (name, its bind setting in the config, bind, handler, max_connections)
+        self.listeners: list[tuple[str, str, Address, Any, int]] = []
         self.bound: dict[str, Address] = {}
         self.serving = False
         self._build()
@@ -100,11 +113,14 @@ class Sidecar:
                     trust_domain=mesh.trust_domain,
                     namespace=mesh.namespace,
                     datacenter=mesh.datacenter,
+                    default_policy=mesh.default_policy,
                 )
                 acceptor = MutualTlsAccept(
-                    self.identity, authorizer, handshake_timeout=inbound.timeouts.request_headers
+                    self.identity, authorizer, handshake_timeout=inbound.timeouts.request_headers, metrics=self.metrics
                 )
-            self._add_listener("inbound", "inbound", inbound.bind, config.service.protocol, cluster, inbound, acceptor)
+            self._add_listener(
+                "inbound", "inbound.bind", "inbound", inbound.bind, config.service.protocol, cluster, inbound, acceptor
+            )
         for index, upstream in enumerate(config.upstreams):
             assert self.discovery is not None  # the config requires discovery when upstreams exist
             cluster = Cluster(
@@ -124,11 +140,14 @@ class Sidecar:
                 h2_limits=h2_limits(upstream.limits),
             )
             name = f"upstreams[{index}]:{upstream.service}"
-            self._add_listener(name, "outbound", upstream.bind, upstream.protocol, cluster, upstream)
+            self._add_listener(
+                name, f"upstreams[{index}].bind", "outbound", upstream.bind, upstream.protocol, cluster, upstream
+            )
 
     def _add_listener(
         self,
         name: str,
+        setting: str,
         direction: str,
         bind: Address,
         protocol: str,
@@ -149,7 +168,14 @@ class Sidecar:
             ).handle
         else:
             handler = HttpProxy(
-                HttpProxySettings(direction, cluster.name, settings.timeouts, settings.limits),
+                HttpProxySettings(
+                    direction,
+                    cluster.name,
+                    settings.timeouts,
+                    settings.limits,
+                    upgrades=frozenset(name.encode() for name in settings.upgrades),
+                    identity=self._own_identity().encode(),
+                ),
                 cluster,
                 metrics=self.metrics,
                 access_log=self.access_log,
@@ -157,7 +183,12 @@ class Sidecar:
                 sweeper=self.sweeper,
                 acceptor=acceptor,
             ).handle
-        self.listeners.append((name, bind, handler, settings.limits.max_connections))
+        self.listeners.append((name, setting, bind, handler, settings.limits.max_connections))
+
+    def _own_identity(self) -> str:
+        """This sidecar's SPIFFE ID (its service's, in this mesh)."""
+        mesh, service = self.config.mesh, self.config.service.name
+        return spiffe_id(mesh.trust_domain, mesh.namespace, mesh.datacenter, service)
 
     # -- admin views ---------------------------------------------------------------------------------------
     def _upstream_tls(self, upstream: UpstreamSettings) -> UpstreamTls | None:
@@ -166,7 +197,7 @@ class Sidecar:
         assert self.identity is not None  # the config requires an identity for tls: mutual
         mesh = self.config.mesh
         expected = upstream.identity or spiffe_id(mesh.trust_domain, mesh.namespace, mesh.datacenter, upstream.service)
-        return UpstreamTls(self.identity, expected_id=expected, server_name=upstream.service)
+        return UpstreamTls(self.identity, expected_id=expected, server_name=upstream.service, metrics=self.metrics)
 
     def ready(self) -> tuple[bool, str]:
         if self.stopping or self.drain.draining:
@@ -189,6 +220,7 @@ class Sidecar:
 
     def cluster_state(self) -> dict[str, Any]:
         now = time.time()
+        errors = self.discovery.errors if self.discovery is not None else {}
         state: dict[str, Any] = {}
         for cluster in self.clusters:
             current = cluster.endpoints.value
@@ -196,7 +228,7 @@ class Sidecar:
                 "resolved": current is not None,
                 "source": current.source if current else None,
                 "age_s": round(now - current.updated_at, 3) if current else None,
-                "stale_reason": current.error if current else None,
+                "stale_reason": current.error if current else errors.get(cluster.name),
                 "balancer": cluster.policy,
                 "panic": bool(cluster.outlier and cluster.outlier.panic),
                 "circuit": {
@@ -222,7 +254,38 @@ class Sidecar:
 
     # -- running -------------------------------------------------------------------------------------------
     async def serve(self, *, task_status: trio.TaskStatus[dict[str, Address]] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until drained. Reports {listener name: bound address} (including "admin") once all are bound."""
+        """Run until drained. Reports {listener name: bound address} (including "admin") once all are bound.
+
+        Every address is bound before anything else starts, so that nothing registers in Consul or serves when
+        one cannot be: an ExceptionGroup then holds one OSError per address, naming its setting."""
+        opened = await self._open_listeners()
+        try:
+            default = inbound_default(self.config)
+            if default is not None:
+                log.warning("inbound.allow is empty", listener="inbound", **default._asdict())
+            await self._serve(opened, task_status=task_status)
+        finally:  # serve_tcp closes the listeners it was given; these are the ones it never got
+            _close(opened)
+
+    async def _open_listeners(self) -> dict[str, list[trio.SocketListener]]:
+        """{listener name: its listeners}, or an ExceptionGroup of one OSError per address that cannot be bound."""
+        wanted = [(name, setting, bind) for name, setting, bind, *_ in self.listeners]
+        wanted.append(("admin", "admin.bind", self.config.admin.bind))  # last, as in the config's own checks
+        opened: dict[str, list[trio.SocketListener]] = {}
+        failures: list[OSError] = []
+        for name, setting, bind in wanted:
+            try:
+                opened[name] = await open_listeners(bind, name=setting)
+            except OSError as exc:
+                failures.append(exc)
+        if failures:
+            _close(opened)
+            raise ExceptionGroup("cannot listen", failures)
+        return opened
+
+    async def _serve(
+        self, opened: dict[str, list[trio.SocketListener]], *, task_status: trio.TaskStatus[dict[str, Address]]
+    ) -> None:
         config = self.config
         admin = AdminApp(
             metrics=self.metrics,
@@ -247,20 +310,20 @@ class Sidecar:
             self.bound["admin"] = await background.start(
                 partial(
                     serve_tcp,
-                    config.admin.bind,
+                    opened["admin"],
                     admin.handle,
                     name="admin",
                     drain=admin_drain,
-                    max_connections=64,
+                    max_connections=admin.max_connections,
                     drain_timeout=1.0,
                 )
             )
             async with trio.open_nursery() as listeners:
-                for name, bind, handler, max_connections in self.listeners:
+                for name, _, _, handler, max_connections in self.listeners:
                     self.bound[name] = await listeners.start(
                         partial(
                             serve_tcp,
-                            bind,
+                            opened[name],
                             handler,
                             name=name,
                             drain=self.drain,
@@ -270,14 +333,39 @@ class Sidecar:
                     )
                 self.serving = True
                 listening = {k: str(v) for k, v in self.bound.items()}
-                log.info("sidecar ready", service=config.service.name, listeners=listening)
+                readiness = self.ready()
+                self._log_readiness(readiness, listening, started=True)
+                background.start_soon(self._follow_readiness, readiness, listening)
                 # Everything built so far (config, modules, listeners) lives as long as the process: move it
                 # out of the cyclic collector's sight, so full collections stay short and do not stall requests.
                 gc.freeze()
                 task_status.started(dict(self.bound))
+                # The listeners return once drained; a sidecar with none but admin must wait for the drain too.
+                await self.drain.started.wait()
             log.info("drained", service=config.service.name)
             admin_drain.start()
             background.cancel_scope.cancel()
+
+    def _log_readiness(self, readiness: tuple[bool, str], listeners: dict[str, str], *, started: bool = False) -> None:
+        """Say in the log what /ready says."""
+        ready, reason = readiness
+        service = self.config.service.name
+        if ready:
+            log.info("sidecar ready", service=service, listeners=listeners)
+        else:
+            event = "sidecar started, not ready" if started else "sidecar not ready"
+            log.warning(event, service=service, reason=reason, listeners=listeners)
+
+    async def _follow_readiness(self, readiness: tuple[bool, str], listeners: dict[str, str]) -> None:
+        """Log each change of what /ready answers until the shutdown begins (which is logged as such)."""
+        while True:
+            await trio.sleep(READINESS_CHECK_INTERVAL)
+            if self.stopping or self.drain.draining:
+                return
+            now = self.ready()
+            if now != readiness:
+                readiness = now
+                self._log_readiness(readiness, listeners)
 
     async def shutdown(self) -> None:
         """Leave the mesh, then drain: deregister from Consul first (bounded by its timeout), so that peers
@@ -301,14 +389,18 @@ async def _flush_access_log_periodically() -> None:
 
 
 async def main(config: SidecarConfig) -> None:
-    """Run a sidecar until SIGTERM or SIGINT, then drain; a second signal stops at once."""
+    """Run a sidecar until SIGTERM or SIGINT, then drain; a second signal stops at once. SIGHUP is logged and
+    ignored: there is no config reload, and its default action would end the process without a drain."""
     sidecar = Sidecar(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def on_signals() -> None:
                 async for signum in signals:
                     name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        log.warning("SIGHUP ignored: the config is not reloaded; restart the sidecar to apply changes")
+                        continue
                     if sidecar.stopping:
                         log.warning("second signal: stopping now", signal=name)
                         nursery.cancel_scope.cancel()
@@ -331,12 +423,25 @@ def run(config: SidecarConfig) -> int:
         if startup is None or rest is not None:
             raise
         for exc in _leaves(startup):
-            log.error("cannot start", error=str(exc))
+            log.error("cannot start", error=_reason(exc))
         return 1
     except OSError as exc:
-        log.error("cannot start", error=str(exc))
+        log.error("cannot start", error=_reason(exc))
         return 1
     return 0
+
+
+def _reason(exc: BaseException) -> str:
+    """An OSError in plain words, without the "[Errno N]" that str() puts first."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc)
+
+
+def _close(opened: dict[str, list[trio.SocketListener]]) -> None:
+    for listeners in opened.values():
+        for listener in listeners:
+            listener.socket.close()
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

@@ -131,14 +131,15 @@ async def test_broken_rewrite_keeps_the_last_good_set_and_warns_once_per_error(
     source = discovery(registry, capture)
     api = source.watch("api")
     await nursery.start(source.run)
-    good, version = api.value, api.version
+    good = api.value
 
     replace(registry, API_AND_DB.replace("10.0.0.2:15001", "10.0.0.2:99999"))
     await trio.sleep(10 * POLL)
     replace(registry, API_AND_DB.replace("10.0.0.2:15001", "10.0.0.2:99999") + "\n")  # same error again
     await trio.sleep(10 * POLL)
 
-    assert (api.value, api.version) == (good, version)
+    assert api.value is not None and good is not None
+    assert (api.value.endpoints, api.value.updated_at) == (good.endpoints, good.updated_at)
     [warning] = logged(capture, "warning")
     assert warning["event"] == "registry reload failed; keeping the last good endpoints"
     assert warning["file"] == str(registry)
@@ -149,7 +150,7 @@ async def test_broken_rewrite_keeps_the_last_good_set_and_warns_once_per_error(
     assert len(logged(capture, "warning")) == 2  # a different error is reported
 
     replace(registry, API_AND_DB.replace("10.0.0.2", "10.0.0.4"))
-    endpoint_set, _ = await changed(api, version)
+    endpoint_set, _ = await changed(api, api.version)
     assert addresses(endpoint_set) == ["10.0.0.1:15001", "10.0.0.4:15001"]
 
 
@@ -167,9 +168,40 @@ async def test_deleted_file_keeps_the_last_good_set(
     registry.unlink()
     await trio.sleep(10 * POLL)
 
-    assert api.value == good
+    assert api.value is not None and good is not None
+    assert api.value.endpoints is good.endpoints
+    assert api.value.error == f"{registry}: cannot read file: No such file or directory"
     [warning] = logged(capture, "warning")
     assert warning["errors"] == [f"{registry}: cannot read file: No such file or directory"]
+
+
+async def test_a_broken_file_marks_every_kept_set_stale_until_it_is_fixed(
+    registry: Path,
+    capture: CapturingLogger,
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    source = discovery(registry, capture)
+    api, db = source.watch("api"), source.watch("db")
+    await nursery.start(source.run)
+    good = api.value
+    assert good is not None and good.error is None
+    assert source.errors == {"api": None, "db": None}
+
+    replace(registry, "services: [")
+    stale, version = await changed(api, api.version)
+    error = stale.error
+    assert error is not None and error.startswith(f"{registry}: line 1, column ")  # the YAML error, as logged
+    assert (stale.endpoints, stale.updated_at, stale.source) == (good.endpoints, good.updated_at, good.source)
+    assert stale.endpoints is good.endpoints  # the same tuple: balancers keep their state
+    assert db.value is not None and db.value.error == error
+    assert source.errors == {"api": error, "db": error}
+
+    replace(registry, API_AND_DB)  # fixed, with the same endpoints as before
+    fresh, _ = await changed(api, version)
+    assert fresh.error is None and fresh.endpoints is good.endpoints
+    assert db.value is not None and db.value.error is None
+    assert source.errors == {"api": None, "db": None}
 
 
 async def test_removing_a_service_from_the_file_empties_its_set(
@@ -203,10 +235,12 @@ async def test_bad_file_at_start_leaves_services_unresolved_until_fixed(
     [error] = logged(capture, "error")
     assert error["event"] == "registry unusable; its services stay unresolved"
     assert error["errors"] == [f"{registry}: services.api[0].address: expected host:port (got 'nowhere')"]
+    assert source.errors == {"api": f"{registry}: services.api[0].address: expected host:port (got 'nowhere')"}
 
     replace(registry, API_AND_DB)
     endpoint_set, _ = await changed(api, api.version)
     assert len(endpoint_set.endpoints) == 2
+    assert source.errors == {"api": None}
 
 
 async def test_missing_file_at_start_is_reported_and_picked_up_when_created(
@@ -238,6 +272,7 @@ async def test_static_discovery_publishes_fixed_sets(
     assert api.source == "static"
     assert api.endpoints == (Endpoint("127.0.0.1", 15001, weight=2),)
     assert addresses(source.watch("unknown").value) == []
+    assert source.errors == {}  # the config never fails
 
 
 def test_discovery_from_settings_picks_the_configured_source(tmp_path: Path) -> None:

@@ -105,5 +105,5 @@ def test_a_taken_port_is_reported_in_one_line_and_exit_1(tmp_path) -> None:
             timeout=30,
         )
     assert result.returncode == 1
-    assert f"inbound: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert f"inbound.bind: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
     assert "Traceback" not in result.stderr

@@ -124,6 +124,68 @@ def test_console_command_reports_a_broken_file_without_a_traceback() -> None:
     assert result.stdout == ""
     assert result.stderr == (
         "broken-unknown-key.yaml: upstreams[0].timeout: unknown field 'timeout' "
-        "(allowed: service, bind, protocol, mesh_http2, tls, identity, timeouts, limits, pool, balancer, outlier, "
-        "circuit_breakers, retries, hedging, health_check)\n"
+        "(allowed: service, bind, protocol, mesh_http2, tls, identity, upgrades, timeouts, limits, pool, balancer, "
+        "outlier, circuit_breakers, retries, hedging, health_check)\n"
     )
+
+
+def test_config_check_warns_about_missing_files_and_still_succeeds(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        "service: {name: web, app: 127.0.0.1:8080}\n"
+        "inbound: {bind: 127.0.0.1:15000, allow: [frontend]}\n"
+        "identity: {files: {cert: cert.pem, key: key.pem, bundle: bundle.pem}}\n"
+    )
+    (tmp_path / "key.pem").write_text("a key")
+    assert main(["config", "check", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert yaml.safe_load(captured.out)["identity"]["files"]["cert"] == str(tmp_path / "cert.pem")
+    not_ready = "the sidecar is not ready, and refuses mutual TLS, until it can read it"
+    assert captured.err.splitlines() == [
+        f"{path}: identity.files.cert: warning: {tmp_path}/cert.pem does not exist: {not_ready}",
+        f"{path}: identity.files.bundle: warning: {tmp_path}/bundle.pem does not exist: {not_ready}",
+        f"{path}: ok, with 2 warnings",
+    ]
+
+
+def test_config_check_warns_about_an_inbound_that_admits_the_whole_trust_domain(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for name in ("cert", "key", "bundle"):
+        (tmp_path / f"{name}.pem").write_text(name)
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        "service: {name: web, app: 127.0.0.1:8080}\n"
+        "inbound: {bind: 127.0.0.1:15000}\n"
+        "identity: {files: {cert: cert.pem, key: key.pem, bundle: bundle.pem}}\n"
+    )
+    assert main(["config", "check", str(path)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: inbound.allow: warning: the inbound listener admits every identity of trust domain 'mesh.local': "
+        "inbound.allow is empty and mesh.default_policy is allow; list the callers in inbound.allow, or set "
+        "mesh.default_policy: deny to admit none by default",
+        f"{path}: ok, with 1 warning",
+    ]
+
+
+def test_config_check_redacts_secrets(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        "service: {name: web, app: 127.0.0.1:8080}\n"
+        "upstreams: [{service: api, bind: 127.0.0.1:9001, tls: off}]\n"
+        "discovery: {consul: {}}\n"
+        "consul: {address: 127.0.0.1:8500, token: s3cret-acl-token}\n"
+    )
+    assert main(["config", "check", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "s3cret-acl-token" not in captured.out + captured.err
+    assert yaml.safe_load(captured.out)["consul"]["token"] == "<redacted>"
+
+
+def test_config_check_help_says_warnings_keep_status_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "warning" in help_text and "exit status stays 0" in help_text
+    assert "secrets redacted" in help_text

@@ -14,6 +14,7 @@ from mesh.config import (
     Address,
     ConfigError,
     EndpointSpec,
+    InboundDefault,
     InboundSettings,
     Limits,
     SidecarConfig,
@@ -21,12 +22,14 @@ from mesh.config import (
     dump_config,
     format_duration,
     format_size,
+    inbound_default,
     load_config,
     load_registry,
     parse_config,
     parse_duration,
     parse_size,
     redact,
+    unreadable_files,
 )
 from mesh.proxy import h2_limits
 
@@ -135,7 +138,7 @@ def test_defaults() -> None:
     assert Limits() == Limits(max_connections=10000, max_header_bytes=65536, max_header_count=100)
     assert Limits().max_body_bytes is None
     assert dump_config(cfg) == {
-        "mesh": {"trust_domain": "mesh.local", "namespace": "default", "datacenter": "dc1"},
+        "mesh": {"trust_domain": "mesh.local", "namespace": "default", "datacenter": "dc1", "default_policy": "allow"},
         "service": {"name": "web", "app": "127.0.0.1:8080", "protocol": "http"},
         "inbound": None,
         "upstreams": [],
@@ -162,12 +165,14 @@ def test_upstream_defaults_are_dumped_in_their_compact_forms() -> None:
         "mesh_http2": False,
         "tls": "off",
         "identity": None,
+        "upgrades": ["websocket"],
         "timeouts": {"connect": "1s", "request_headers": "10s", "request": "15s", "idle": "1h"},
         "limits": {
             "max_connections": 10000,
             "max_header_bytes": "64KiB",
             "max_header_count": 100,
             "max_body_bytes": None,
+            "request_buffer": "64KiB",
             "http2": {
                 "max_concurrent_streams": 100,
                 "stream_window": "1MiB",
@@ -360,8 +365,8 @@ def test_bad_addresses(value: str, message: str) -> None:
             "broken-unknown-key.yaml",
             [
                 "upstreams[0].timeout: unknown field 'timeout' "
-                "(allowed: service, bind, protocol, mesh_http2, tls, identity, timeouts, limits, pool, balancer, "
-                "outlier, circuit_breakers, retries, hedging, health_check)"
+                "(allowed: service, bind, protocol, mesh_http2, tls, identity, upgrades, timeouts, limits, pool, "
+                "balancer, outlier, circuit_breakers, retries, hedging, health_check)"
             ],
         ),
         ("broken-protocol.yaml", ["upstreams[0].protocol: must be one of: 'http', 'http2', 'grpc', 'tcp' (got 'udp')"]),
@@ -403,7 +408,8 @@ inbound: {tls: false, allow: [Frontend], limits: {max_connections: 0}}
 log: {access_log: maybe}
 """
     assert errors_of(text) == [
-        "sidecar.yaml: mesh.colour: unknown field 'colour' (allowed: trust_domain, namespace, datacenter)",
+        "sidecar.yaml: mesh.colour: unknown field 'colour' "
+        "(allowed: trust_domain, namespace, datacenter, default_policy)",
         f"sidecar.yaml: service.name: invalid service name 'Web_1': {NAME_RULE}",
         "sidecar.yaml: service.protocol: must be one of: 'http', 'http2', 'grpc', 'tcp' (got 'udp')",
         "sidecar.yaml: inbound.tls: must be one of: 'mutual', 'off' (got false)",
@@ -707,3 +713,84 @@ def test_http2_limits_are_configured_per_listener_and_checked() -> None:
     assert (limits.max_header_count, limits.max_header_list_size) == (50, 64 * 1024)  # the HTTP/1.1 header limits
     [error] = errors_of(MINIMAL + "inbound: {tls: off, limits: {http2: {stream_window: 1KiB}}}\n")
     assert error == "sidecar.yaml: inbound.limits.http2.stream_window: must be at least 65535 (got '1KiB')"
+
+
+# --- the default policy and what a valid config leaves open ---
+
+
+MTLS_INBOUND = MINIMAL + (
+    "inbound: {bind: 127.0.0.1:15000}\n"
+    "identity: {files: {cert: certs/cert.pem, key: certs/key.pem, bundle: certs/bundle.pem}}\n"
+)
+
+
+def test_default_policy_is_allow_and_takes_deny() -> None:
+    assert parse(MINIMAL).mesh.default_policy == "allow"
+    assert parse("mesh: {default_policy: deny}\n" + MINIMAL).mesh.default_policy == "deny"
+    assert errors_of("mesh: {default_policy: block}\n" + MINIMAL) == [
+        "sidecar.yaml: mesh.default_policy: must be one of: 'allow', 'deny' (got 'block')"
+    ]
+
+
+def test_an_mtls_inbound_without_allow_says_what_it_admits() -> None:
+    assert inbound_default(parse(MTLS_INBOUND)) == InboundDefault(
+        setting="inbound.allow",
+        admits="every identity of trust domain 'mesh.local': inbound.allow is empty and mesh.default_policy is allow",
+        restrict="list the callers in inbound.allow, or set mesh.default_policy: deny to admit none by default",
+    )
+    assert inbound_default(parse("mesh: {default_policy: deny}\n" + MTLS_INBOUND)) == InboundDefault(
+        setting="inbound.allow",
+        admits="no caller: inbound.allow is empty and mesh.default_policy is deny",
+        restrict="list the callers in inbound.allow",
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        MINIMAL,  # no inbound
+        MTLS_INBOUND.replace("bind: 127.0.0.1:15000", "bind: 127.0.0.1:15000, allow: [frontend]"),
+        MINIMAL + "inbound: {bind: 127.0.0.1:15000, tls: off}\n",  # no identities to admit by
+    ],
+)
+def test_no_inbound_default_where_allow_decides_or_there_is_no_mtls_inbound(text: str) -> None:
+    assert inbound_default(parse(text)) is None
+
+
+def test_unreadable_files_names_each_missing_file_and_what_it_costs(tmp_path: Path) -> None:
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "key.pem").write_text("key")
+    (tmp_path / "bundle.pem").mkdir()  # a directory where a file belongs
+    text = (
+        MINIMAL
+        + "upstreams: [{service: api, bind: 127.0.0.1:9001}]\n"
+        + "discovery: {file: registry.yaml}\n"
+        + "identity: {files: {cert: certs/cert.pem, key: certs/key.pem, bundle: bundle.pem}}\n"
+    )
+    cfg = parse_config(text, name="sidecar.yaml", base_dir=tmp_path)
+    certificate = "the sidecar is not ready, and refuses mutual TLS, until it can read it"
+    assert unreadable_files(cfg) == [
+        (
+            "discovery.file",
+            f"{tmp_path}/registry.yaml does not exist: the upstream services stay unresolved "
+            "(503 discovery unavailable) until it can be read",
+        ),
+        ("identity.files.cert", f"{tmp_path}/certs/cert.pem does not exist: {certificate}"),
+        ("identity.files.bundle", f"{tmp_path}/bundle.pem is not a file: {certificate}"),
+    ]
+
+
+def test_unreadable_files_checks_the_ca_and_consul_files_too(tmp_path: Path) -> None:
+    text = (
+        MINIMAL
+        + "identity: {ca: {url: https://127.0.0.1:8400, token_file: web.token, bundle: ca.pem}}\n"
+        + "consul: {ca_file: consul-ca.pem, token_file: consul.token}\n"
+    )
+    cfg = parse_config(text, name="sidecar.yaml", base_dir=tmp_path)
+    assert [setting for setting, _ in unreadable_files(cfg)] == [
+        "identity.ca.token_file",
+        "identity.ca.bundle",
+        "consul.ca_file",
+        "consul.token_file",
+    ]
+    assert unreadable_files(parse(MINIMAL)) == []
