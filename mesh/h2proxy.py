@@ -11,7 +11,7 @@ from h2.errors import ErrorCodes
 from mesh import http1
 from mesh.cluster import UpstreamConnection
 from mesh.errors import grpc_error_headers
-from mesh.h2io import SessionWriter
+from mesh.h2io import WRITE_BUDGET, SessionWriter
 from mesh.http1 import END, ProtocolError, RequestHead, ResponseHead, ResponseReader
 from mesh.http2 import (
     ConnectionLost,
@@ -20,6 +20,7 @@ from mesh.http2 import (
     HeaderError,
     Headers,
     Request,
+    RequestRejected,
     StreamEnd,
     StreamReset,
     Trailers,
@@ -44,18 +45,29 @@ log = structlog.get_logger("mesh.proxy")
 
 _MESH_PREFIX = b"x-mesh-"
 
+# A request stream that ended with no response, by its mesh_requests_unanswered_total reason: its mesh_error, and
+# the mesh_errors_total code it counts under (a malformed one's mesh_error is the session's reason).
+_GONE = {"client_reset": "client reset the stream", "connection_lost": "client connection lost"}
+_GONE_CODES = {"client_reset": "client_gone", "connection_lost": "client_gone", "malformed": "bad_request"}
+
 
 class H2Downstream(SessionWriter):
     """One HTTP/2 client connection. A reader task feeds the sans-io `H2Session`; each request becomes an
     `_H2Stream` task that runs the same exchange as an HTTP/1.1 request (authorisation, deadlines, balancing,
     retries, the HTTP/1.1 upstream pool), then writes the response as HTTP/2 frames within the stream's flow-control
-    window. One writer task owns the socket's send side. A drain sends GOAWAY and lets open streams finish."""
+    window and the connection's write budget. One writer task owns the socket's send side. The first request head
+    must be complete by `head_deadline` (trio clock: `timeouts.request_headers` after the connection was accepted,
+    preface included), and every later header block within `timeouts.request_headers` of its first byte; else
+    GOAWAY and close. A drain sends GOAWAY and lets open streams finish. Every request stream is recorded once:
+    answered, or counted in `mesh_requests_unanswered_total` and logged. The caller closes the stream."""
 
-    def __init__(self, proxy: HttpProxy, accepted: Accepted, initial: bytes) -> None:
+    def __init__(self, proxy: HttpProxy, accepted: Accepted, initial: bytes, head_deadline: float) -> None:
         self.proxy = proxy
         self.accepted = accepted
         self.stream = accepted.stream
         self.initial = initial
+        self.head_deadline = head_deadline
+        self._requested = False  # a complete request head has arrived
         self.session = H2Session(client_side=False, limits=proxy.h2_limits, clock=trio.current_time)
         self.streams: dict[int, _H2Stream] = {}
         self._init_writer()
@@ -80,28 +92,58 @@ class H2Downstream(SessionWriter):
             nursery.start_soon(self._drain_watch)
             if self.initial:  # what protocol detection read (plaintext); over TLS, ALPN chose HTTP/2
                 self._handle(self.session.receive(self.initial))
-            idle = self.proxy.settings.timeouts.idle
             with self._reading:
-                await self._read(idle)
+                await self._read()
             await self._flushed(1.0)  # let the writer send what is queued (the last response, a GOAWAY)
-            nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()  # streams still open are cut: they record themselves as connection_lost
 
-    async def _read(self, idle: float) -> None:
-        """Feed what the client sends into the session until it closes, errs, idles with no stream, or a drain ends."""
-        while not self.session.closed:
-            with trio.move_on_after(idle) as scope:
+    async def _read(self) -> None:
+        """Feed what the client sends into the session until it closes, errs, is late with a request head, idles
+        with no stream, or a drain ends."""
+        session = self.session
+        timeouts = self.proxy.settings.timeouts
+        while not session.closed:
+            block = session.header_block_started
+            if not self._requested:
+                deadline = self.head_deadline  # covers the preface and any header block of the first request
+            elif block is not None:
+                deadline = block + timeouts.request_headers
+            else:
+                deadline = trio.current_time() + timeouts.idle
+            with trio.move_on_at(deadline) as scope:
                 try:
                     data = await self.stream.receive_some(READ_SIZE)
                 except _STREAM_ERRORS:
                     data = b""
             if scope.cancelled_caught:
+                if not self._requested or block is not None:
+                    self._head_timed_out(block is not None)
+                    break
                 if self.streams:
                     continue
-                self.session.goaway(ErrorCodes.NO_ERROR, "idle")
+                session.goaway(ErrorCodes.NO_ERROR, "idle")
                 break
-            self._handle(self.session.receive(data))
+            self._handle(session.receive(data))
             if not data:
                 break
+
+    def _head_timed_out(self, block_open: bool) -> None:
+        """No request head in time: queue GOAWAY for `serve` to write before it closes. NO_ERROR when no header
+        block was begun (nothing was processed, as when an idle connection closes: the client may retry anywhere);
+        PROTOCOL_ERROR when one was left unfinished, which no other frame may follow and whose HPACK state is lost
+        (Traffic Server closes the same way, with COMPRESSION_ERROR)."""
+        reason = "request header timeout"
+        self.session.goaway(ErrorCodes.PROTOCOL_ERROR if block_open else ErrorCodes.NO_ERROR, reason)
+        settings = self.proxy.settings
+        self.proxy.metrics.error(settings.direction, settings.upstream, "header_timeout")
+        log.info(
+            "request rejected",
+            direction=settings.direction,
+            upstream=settings.upstream,
+            status=0,
+            reason=reason,
+            peer=self.peer_ip.decode(),
+        )
 
     async def _drain_watch(self) -> None:
         await self.proxy.drain.started.wait()
@@ -116,7 +158,7 @@ class H2Downstream(SessionWriter):
 
     def _send_failed(self) -> None:
         for stream in list(self.streams.values()):
-            stream.cancel.cancel()
+            stream.gone("connection_lost")
 
     def _handle(self, events: list[object]) -> None:
         for event in events:
@@ -129,6 +171,8 @@ class H2Downstream(SessionWriter):
                     self.session.acknowledge(event.stream_id, event.flow_controlled_length)
             elif kind is Request:
                 self._open(event)
+            elif kind is RequestRejected:
+                self._rejected(event)
             elif kind is StreamEnd or kind is Trailers:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
@@ -139,20 +183,64 @@ class H2Downstream(SessionWriter):
             elif kind is StreamReset:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
-                    stream.reset = True
-                    stream.cancel.cancel()
+                    if event.remote:
+                        stream.gone("client_reset")
+                    else:  # the session found the rest of the request malformed, e.g. longer than its content-length
+                        stream.gone("malformed", event.reason)
             elif kind is ConnectionLost:
                 for stream in list(self.streams.values()):
-                    stream.cancel.cancel()
+                    stream.gone("connection_lost")
         self.flush()
+
+    def _rejected(self, event: RequestRejected) -> None:
+        """Record a request no stream task will: refused, malformed or answered by the session ("request rejected",
+        as on HTTP/1.1), or reset by the client (or cut by the connection's end) in the read that opened it (an
+        access-log event with status 0, as for a stream reset mid-exchange)."""
+        self._requested = True
+        proxy = self.proxy
+        settings = proxy.settings
+        if event.status:  # the session answers only a header list over the limits: 431
+            proxy.metrics.request_done(settings.direction, settings.upstream, event.status, 0.0, 0, 0)
+            proxy.metrics.error(settings.direction, settings.upstream, "headers_too_large")
+        else:
+            proxy.metrics.request_unanswered(settings.direction, settings.upstream, event.cause)
+        if event.headers is None:
+            log.info(
+                "request rejected",
+                direction=settings.direction,
+                upstream=settings.upstream,
+                status=event.status,
+                reason=event.reason,
+                peer=self.peer_ip.decode(),
+                stream=event.stream_id,
+            )
+            return
+        if not proxy.access_log.enabled:
+            return
+        fields = dict(event.headers)
+        proxy.access_log.request(
+            direction=settings.direction,
+            upstream=settings.upstream,
+            method=fields.get(b":method", b"").decode("latin-1"),
+            authority=fields.get(b":authority", fields.get(b"host", b"")).decode("latin-1"),
+            path=fields.get(b":path", b"").decode("latin-1"),
+            status=0,
+            duration_s=0.0,
+            endpoint="",
+            rx=0,
+            tx=0,
+            mesh_error=_GONE[event.cause],
+            request_id=fields.get(b"x-request-id", b"").decode("latin-1"),
+        )
 
     def _open(self, request: Request) -> None:
         try:
             method, target, authority, fields, content_length = to_http1_headers(request.headers, validated=True)
         except HeaderError as exc:
             self.session.reset(request.stream_id, ErrorCodes.PROTOCOL_ERROR)
-            log.info("request rejected", direction=self.proxy.settings.direction, reason=str(exc))
+            self._rejected(RequestRejected(request.stream_id, ErrorCodes.PROTOCOL_ERROR, exc.reason, "malformed"))
             return
+        self._requested = True
         headers: Headers = [(b"host", authority)]
         mesh_headers: Headers = []
         for name, value in fields:
@@ -181,16 +269,22 @@ class H2Downstream(SessionWriter):
         self.nursery.start_soon(stream.run)
 
     async def send(self, stream_id: int, data: bytes, end_stream: bool) -> None:
-        """Send body bytes within the stream's flow-control window, waiting for the peer to open it."""
+        """Send body bytes within the stream's flow-control window and the connection's write budget, waiting for
+        the client to open the one and read the other down; DownstreamGone once the stream or connection is gone."""
         session = self.session
         while True:
+            if self._writing + session.outbound_pending > WRITE_BUDGET:
+                await self._write_room()
+            if self.writer_gone:
+                raise DownstreamGone(_GONE["connection_lost"])
             taken = session.send_data(stream_id, data, end_stream)
             self.flush()
             if taken >= len(data):
                 return
             data = data[taken:]
-            if session.closed or stream_id not in self.streams or self.streams[stream_id].reset:
-                raise DownstreamGone("client went away mid-response")
+            stream = self.streams.get(stream_id)
+            if session.closed or stream is None or stream.ended:
+                raise DownstreamGone((stream and stream.ended) or _GONE["connection_lost"])
             await self._window.wait()
 
 
@@ -233,9 +327,10 @@ class _H2Body:
 
 class _H2Stream(_Downstream):
     """One HTTP/2 stream served by the HTTP/1.1 exchange of `_Downstream`; only reading the body and writing the
-    response differ."""
+    response differ. A stream that ends before any response (`gone`) is recorded by `_finish`: status 0, its
+    reason in the access log's mesh_error and in mesh_requests_unanswered_total."""
 
-    __slots__ = ("body", "cancel", "conn", "expired", "head", "reset", "stream_id")
+    __slots__ = ("body", "cancel", "conn", "ended", "ended_as", "expired", "head", "responded", "stream_id")
 
     def __init__(self, conn: H2Downstream, stream_id: int, head: RequestHead) -> None:
         proxy = conn.proxy
@@ -256,10 +351,23 @@ class _H2Stream(_Downstream):
         self.body = _H2Body(conn, head.chunked)
         self.reader = self.body  # what the exchange reads the request body from
         self.peer_ip = conn.peer_ip
-        self.reset = False
+        self.ended = ""  # why the stream can no longer be answered (a mesh_error), once it cannot
+        self.ended_as = ""  # … and its mesh_requests_unanswered_total reason
+        self.responded = False  # a response head went to the session
 
     def expire(self) -> None:
         self.expired = True
+        self.cancel.cancel()
+
+    def _client_left(self) -> bool:
+        return bool(self.ended)
+
+    def gone(self, cause: str, why: str = "") -> None:
+        """The client reset the stream, the session found it malformed ("malformed", `why`) or the connection
+        ended: cancel the exchange; `run` records it. The first cause counts."""
+        if not self.ended:
+            self.ended = why or _GONE[cause]
+            self.ended_as = cause
         self.cancel.cancel()
 
     async def run(self) -> None:
@@ -268,7 +376,7 @@ class _H2Stream(_Downstream):
         try:
             with self.cancel:
                 await self._exchange(self.head)
-            if self.cancel.cancelled_caught and self.expired and not self.reset:  # the deadline ended it
+            if self.cancel.cancelled_caught and self.expired and not self.ended:  # the deadline ended it
                 self.cancel = trio.CancelScope()
                 with self.cancel:
                     await self._timed_out()
@@ -282,20 +390,26 @@ class _H2Stream(_Downstream):
             conn.streams.pop(self.stream_id, None)
             if not conn.streams:
                 conn._streams_done.set()
+            if self.exchange is not None:  # cancelled mid-exchange (by `gone`, or with the connection): record it
+                if not self.ended:
+                    self.ended, self.ended_as = _GONE["connection_lost"], "connection_lost"
+                head, ex, start = self.exchange
+                if not ex.mesh_error:
+                    ex.mesh_error, ex.error_code = self.ended, _GONE_CODES[self.ended_as]
+                self._finish(head, ex, start)
 
     async def _body_event(self) -> object:
+        """The next request body event; the caller keeps the stream's deadline (waiting_for _BODY), so a body
+        that stalls is answered 408 as on HTTP/1.1 (as Envoy's stream idle timeout does)."""
         body = self.body
         while True:
             event = body.next_event()
             if event is not None:
                 return event
-            if self.reset:
-                raise DownstreamGone("client reset the stream")
+            if self.ended:
+                raise DownstreamGone(self.ended)
             body.arrived = trio.Event()
-            with trio.move_on_after(self.timeouts.idle) as scope:
-                await body.arrived.wait()
-            if scope.cancelled_caught:
-                raise DownstreamGone("request body stalled past the idle timeout")
+            await body.arrived.wait()
 
     async def _send_informational(self, event: ResponseHead) -> None:
         pass  # 1xx heads are not passed on over HTTP/2 (no Expect: 100-continue is forwarded from it)
@@ -312,10 +426,20 @@ class _H2Stream(_Downstream):
         ]
         return await self._respond(headers, body)
 
+    def _finish(self, head: RequestHead, ex: _Exchange, start: float) -> None:
+        """Record the exchange; one whose stream ended before a response head was sent counts as unanswered."""
+        if self.ended_as and not self.responded:  # the client got nothing: not a response of the mesh's either
+            ex.status = 0
+            ex.mesh_error, ex.error_code = self.ended, _GONE_CODES[self.ended_as]
+            settings = self.proxy.settings
+            self.proxy.metrics.request_unanswered(settings.direction, settings.upstream, self.ended_as)
+        super()._finish(head, ex, start)
+
     async def _respond(self, headers: Headers, body: bytes) -> bool:
         conn = self.conn
-        if self.reset or conn.session.closed:
+        if self.ended or conn.session.closed:
             return False
+        self.responded = True
         conn.session.send_headers(self.stream_id, headers, end_stream=not body)
         conn.flush()
         if body:
@@ -341,10 +465,11 @@ class _H2Stream(_Downstream):
         complete = not response.has_body
         if complete:
             reader.next_event()  # END
+        if self.ended or h2.session.closed:
+            raise DownstreamGone(self.ended or _GONE["connection_lost"])
         ex.response_started = True
         self.waiting_for = _STALL
-        if self.reset or h2.session.closed:
-            raise DownstreamGone("client reset the stream")
+        self.responded = True
         h2.session.send_headers(self.stream_id, headers, end_stream=complete)
         h2.flush()
         upstream = conn.stream

@@ -6,7 +6,8 @@ HTTP/2 connection: it reads the request bytes it is given (the mesh's own, alrea
 sends them as HEADERS, DATA and trailers, and it presents the HTTP/2 response as an HTTP/1.1 response (chunked,
 with trailers), so that retries, hedging, deadlines and the response path need no second implementation. Flow
 control is end to end: the response's receive window is given back only as the proxy takes the bytes, and a
-request body is sent only within the peer's window.
+request body is sent only within the peer's window and while the connection's unwritten bytes are within the
+write budget (mesh.h2io), however large a window the peer opened.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from h2.errors import ErrorCodes
 
 from mesh import http1
 from mesh.discovery import Endpoint
-from mesh.h2io import STREAM_ERRORS, SessionWriter
+from mesh.h2io import STREAM_ERRORS, WRITE_BUDGET, SessionWriter
 from mesh.http1 import END, ProtocolError, RequestHead, RequestReader
 from mesh.http2 import (
     ConnectionLost,
@@ -203,11 +204,16 @@ class H2Connection(SessionWriter):
         self._wake_senders()
 
     async def send(self, exchange: H2Exchange, data: bytes, end_stream: bool) -> None:
-        """Send request body bytes within the flow-control windows, waiting for the peer to open them."""
+        """Send request body bytes within the flow-control windows and the connection's write budget, waiting for
+        the peer to open the one and read the other down."""
         session = self.session
         while True:
+            if self._writing + session.outbound_pending > WRITE_BUDGET:
+                await self._write_room()
             if exchange.error is not None:
                 raise trio.BrokenResourceError(exchange.error)
+            if self.writer_gone:
+                raise trio.BrokenResourceError("upstream connection lost while sending")
             taken = session.send_data(exchange.stream_id, data, end_stream)
             self.flush()
             if taken >= len(data):

@@ -28,6 +28,7 @@ _DEFAULT_WINDOW = 65535
 _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE = 0x0, 0x1, 0x3, 0x4, 0x5
 _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = 0x6, 0x7, 0x8, 0x9
 _END_STREAM, _ACK, _END_HEADERS, _PADDED = 0x1, 0x1, 0x4, 0x8
+_HEADER_FRAMES = (_HEADERS, _CONTINUATION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +133,18 @@ class StreamReset:
 
 @dataclass(frozen=True, slots=True)
 class RequestRejected:
-    """A request the session refused or answered itself (server side); the application never saw it. For logs."""
+    """A request the application never saw (server side), for logs and metrics. `cause` says why: "refused"
+    (RST_STREAM REFUSED_STREAM: over the stream limit, or opened after our GOAWAY), "malformed" (RST_STREAM
+    PROTOCOL_ERROR), "answered" (the session answered it itself with `status`, a 431), "client_reset" (the client
+    reset it within the read that opened it; `error_code` is the client's) or "connection_lost" (the connection
+    ended within that read; `error_code` 0). `headers`: the request head, for the last two."""
 
     stream_id: int
     error_code: int
     reason: str
+    cause: str
+    status: int = 0
+    headers: Headers | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,7 +399,7 @@ class H2Session:
       error-eliciting request is the same attack). Within a window, premature resets above
       max(rapid_reset_floor, streams completed) → GOAWAY ENHANCE_YOUR_CALM; Envoy closes when over 50 % of at least
       500 streams were premature. A request that is opened and reset within one `receive()` call is dropped
-      entirely: the application sees neither its Request nor its StreamReset.
+      entirely: the application sees neither its Request nor its StreamReset, only a RequestRejected to count.
     - CONTINUATION flood (CVE-2024-27316, CVE-2023-45288): more than `max_continuation_frames` after a HEADERS, or
       more than `max_header_block_bytes` of block → GOAWAY ENHANCE_YOUR_CALM before h2 buffers them. A decoded
       header list above `max_header_list_size` or `max_header_count` is answered 431 (gRPC: 200 with grpc-status
@@ -457,6 +465,7 @@ class H2Session:
         self._block_bytes = 0
         self._empty_frames = 0
         self._unread_control = 0
+        self._head_started: float | None = None  # when the unfinished header block began
         # per-window counters
         self._window_start = clock()
         self._pings = self._settings_frames = self._window_updates = self._other_frames = 0
@@ -488,6 +497,13 @@ class H2Session:
     def inbound_buffered(self) -> int:
         """Bytes of inbound frames held here: a partial frame plus an unfinished header block."""
         return len(self._inbuf) + self._block_bytes
+
+    @property
+    def header_block_started(self) -> float | None:
+        """When (the clock's time) the header block being received began, while one is unfinished: a HEADERS or
+        CONTINUATION frame partly received, or a HEADERS without END_HEADERS. None otherwise. No other frame may
+        come until it ends, so a driver bounds it with its request-head timeout."""
+        return self._head_started
 
     @property
     def can_open_stream(self) -> bool:
@@ -652,7 +668,7 @@ class H2Session:
             self._premature_resets = self._completed = self._data_frames_sent = self._streams_opened = 0
         events: list[Event] = []
         fresh: set[int] = set()  # requests delivered in this call
-        dropped: set[int] = set()  # … and reset by the peer in this call too
+        dropped: dict[int, int | None] = {}  # … and reset by the peer in this call too: its code (None: cut)
         try:
             self._read_frames(now, events, fresh, dropped)
         except _Fail as fail:
@@ -665,13 +681,19 @@ class H2Session:
         except HyperframeError as exc:
             self._finish(ErrorCodes.PROTOCOL_ERROR, f"invalid frame: {exc}")
             events.append(ConnectionLost(f"invalid frame: {exc}", ErrorCodes.PROTOCOL_ERROR))
+        if self._block_stream or (len(self._inbuf) >= 4 and self._inbuf[3] in _HEADER_FRAMES):
+            if self._head_started is None:
+                self._head_started = now
+        else:
+            self._head_started = None
         if self._closed:  # requests that arrived in the read that ended the connection could never be answered
-            dropped |= fresh
+            for stream_id in fresh:
+                dropped.setdefault(stream_id, None)
         if dropped:
             events = self._drop(events, dropped)
         return events
 
-    def _read_frames(self, now: float, events: list[Event], fresh: set[int], dropped: set[int]) -> None:
+    def _read_frames(self, now: float, events: list[Event], fresh: set[int], dropped: dict[int, int | None]) -> None:
         buf = self._inbuf
         pos = 0
         if self._preface_pending:
@@ -709,7 +731,7 @@ class H2Session:
         frame: bytes,
         events: list[Event],
         fresh: set[int],
-        dropped: set[int],
+        dropped: dict[int, int | None],
     ) -> None:
         limits = self.limits
         length = len(frame) - 9
@@ -791,7 +813,9 @@ class H2Session:
         if stream.received > stream.expected or (end and stream.received != stream.expected):
             self._reset_known(stream_id, ErrorCodes.PROTOCOL_ERROR, "body length differs from content-length", events)
 
-    def _translate(self, now: float, event: object, events: list[Event], fresh: set[int], dropped: set[int]) -> None:
+    def _translate(
+        self, now: float, event: object, events: list[Event], fresh: set[int], dropped: dict[int, int | None]
+    ) -> None:
         if isinstance(event, h2.events.RequestReceived):
             self._new_request(now, event, events, fresh)
         elif isinstance(event, h2.events.ResponseReceived | h2.events.InformationalResponseReceived):
@@ -844,7 +868,7 @@ class H2Session:
             if self._streams.pop(event.stream_id, None) is None:
                 return
             if event.stream_id in fresh:
-                dropped.add(event.stream_id)
+                dropped[event.stream_id] = int(event.error_code)
             else:
                 events.append(StreamReset(event.stream_id, int(event.error_code), True, "reset by the peer"))
         elif isinstance(event, h2.events.WindowUpdated):
@@ -886,7 +910,8 @@ class H2Session:
 
     def _refuse(self, stream_id: int, code: int, reason: str, events: list[Event], premature: bool = True) -> None:
         self._conn.reset_stream(stream_id, code)
-        events.append(RequestRejected(stream_id, int(code), reason))
+        cause = "refused" if code == ErrorCodes.REFUSED_STREAM else "malformed"
+        events.append(RequestRejected(stream_id, int(code), reason, cause))
         if premature:
             self._premature_reset()
 
@@ -901,7 +926,7 @@ class H2Session:
         self._conn.send_headers(stream_id, answer, end_stream=True)
         if not ended:  # the response is complete; the request body is not wanted (RFC 9113 8.1)
             self._conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
-        events.append(RequestRejected(stream_id, ErrorCodes.NO_ERROR, f"431: {reason}"))
+        events.append(RequestRejected(stream_id, ErrorCodes.NO_ERROR, reason, "answered", 431))
         self._premature_reset()
 
     def _reset_known(self, stream_id: int, code: int, reason: str, events: list[Event]) -> None:
@@ -931,12 +956,20 @@ class H2Session:
                 events.append(StreamReset(stream_id, ErrorCodes.REFUSED_STREAM, True, "above the peer's GOAWAY"))
             self._pull()
 
-    def _drop(self, events: list[Event], dropped: set[int]) -> list[Event]:
-        """Remove requests opened and reset within one `receive()`; give back their window."""
+    def _drop(self, events: list[Event], dropped: dict[int, int | None]) -> list[Event]:
+        """Replace requests opened and reset (or cut by the connection's end) within one `receive()` by a
+        RequestRejected each; give back their window."""
         kept: list[Event] = []
         for event in events:
             if getattr(event, "stream_id", None) not in dropped:
                 kept.append(event)
+            elif isinstance(event, Request):
+                code = dropped[event.stream_id]
+                if code is None:
+                    reason, cause, code = "connection lost", "connection_lost", 0
+                else:
+                    reason, cause = "reset by the client", "client_reset"
+                kept.append(RequestRejected(event.stream_id, code, reason, cause, 0, event.headers))
             elif isinstance(event, Data) and not self._closed:
                 self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 self._pull()

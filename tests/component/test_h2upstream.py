@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 import pytest
 import trio
 import trio.testing
 from h2.errors import ErrorCodes
 
 from mesh.discovery import Endpoint
+from mesh.h2io import WRITE_BUDGET
 from mesh.h2upstream import H2Connection, H2Exchange, H2Pool
 from mesh.http1 import END, ResponseHead, ResponseReader, Trailers
 
@@ -212,3 +216,50 @@ async def test_a_request_http2_cannot_carry_gives_its_reserved_stream_back(nurse
     exchange.close()
     exchange.close()
     assert conn.reserved == 0 and conn.available
+
+
+async def test_a_request_body_stops_at_the_write_budget_when_the_peer_opens_a_huge_window_and_stops_reading(
+    nursery: trio.Nursery,
+) -> None:
+    """The peer's windows (2**31-1) cannot bound what the connection holds: once a write budget of bytes waits
+    unwritten, the body's sender waits too, and everything arrives once the peer reads again."""
+    client_end, server_end = trio.testing.lockstep_stream_pair()  # a write completes only as the peer reads it
+    closed: list[H2Connection] = []
+    conn = H2Connection(
+        Pipe(client_end), Endpoint("127.0.0.1", 1), scheme=b"https", idle_timeout=60, on_close=closed.append
+    )
+    nursery.start_soon(conn.run)
+    server = Server(server_end)
+    server.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    server.conn.increment_flow_control_window(2**31 - 1 - 65535)
+
+    async def serve(until: Callable[[], bool]) -> None:
+        await server.flush()
+        while not until():
+            server.events += server.conn.receive_data(await server.stream.receive_some(65536))
+            await server.flush()
+
+    size = 16 << 20
+    exchange = conn.open()
+    await exchange.send_all(b"POST /up HTTP/1.1\r\nhost: api\r\ncontent-length: %d\r\n\r\n" % size)
+    await serve(lambda: any(isinstance(e, h2.events.RequestReceived) for e in server.events))
+    await trio.testing.wait_all_tasks_blocked()  # the client has taken the huge windows; the peer reads no more
+    assert conn.session.window(1) > size
+    handed = 0
+    done = trio.Event()
+
+    async def send_body() -> None:
+        nonlocal handed
+        piece = b"x" * 65536
+        while handed < size:
+            await exchange.send_all(piece)
+            handed += len(piece)
+        done.set()
+
+    nursery.start_soon(send_body)
+    await trio.testing.wait_all_tasks_blocked()
+    assert handed <= WRITE_BUDGET + 65536  # not the whole 16 MiB
+    assert conn.unwritten <= WRITE_BUDGET + 2 * 65536
+    await serve(lambda: sum(len(e.data) for e in server.events if isinstance(e, h2.events.DataReceived)) == size)
+    await done.wait()
+    exchange.close()

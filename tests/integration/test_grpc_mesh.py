@@ -29,6 +29,8 @@ from .test_grpc_apps import (  # every call shape, as checked client → server 
     test_unary_small_is_echoed_and_recorded,  # noqa: F401
     test_unknown_method_and_service_are_unimplemented,  # noqa: F401
 )
+from .test_h2_unanswered import scrape
+from .test_http2_abuse import wait_until
 from .test_mtls import authority, write_identity  # noqa: F401  (authority is a fixture)
 
 ROOT = Path(__file__).parents[2]
@@ -117,3 +119,25 @@ def test_an_http1_client_reaches_an_http2_only_app_and_gets_its_trailers(pair: G
     assert answer.body == message  # echoed
     assert answer.trailers["grpc-status"] == "0"
     assert answer.headers["transfer-encoding"] == "chunked"  # trailers need a chunked body on HTTP/1.1
+
+
+def test_cancelled_calls_are_counted_and_logged_by_both_sidecars(pair: GrpcMesh) -> None:
+    """20 calls, 3 cancelled by the client mid-call: each sidecar logs 20 access lines (the cancelled ones with
+    status 0 and the reason) and counts the 3 in mesh_requests_unanswered_total."""
+    with Client(pair.outbound, stats_target=pair.app) as client:
+        results = [client.unary(b"call %d" % i) for i in range(17)]
+        cancellations = [client.cancel_after(0.2) for _ in range(3)]
+    assert [r.code for r in results] == [grpc.StatusCode.OK] * 17
+    assert [c.code for c in cancellations] == [grpc.StatusCode.CANCELLED] * 3
+    for proc in (pair.outbound_proc, pair.inbound_proc):
+        lines = wait_until(lambda p=proc: (lambda e: e if len(e) >= 20 else None)(p.events("request")), "20 lines")
+        outcomes: dict[tuple[int, str], int] = {}
+        for line in lines:
+            outcomes[line["status"], line["mesh_error"]] = outcomes.get((line["status"], line["mesh_error"]), 0) + 1
+        assert outcomes == {(200, ""): 17, (0, "client reset the stream"): 3}, proc.name
+        unanswered = {
+            dict(labels)["reason"]: value
+            for (name, labels), value in scrape(proc).items()
+            if name == "mesh_requests_unanswered_total"
+        }
+        assert unanswered == {"client_reset": 3.0}, proc.name

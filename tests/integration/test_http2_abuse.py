@@ -1,4 +1,5 @@
-"""A hostile HTTP/2 client against a real sidecar's h2c outbound listener: stream refusal, floods and a stalled window.
+"""A hostile HTTP/2 client against a real sidecar's h2c outbound listener: stream refusal, floods, a stalled window and
+late request heads.
 
 The client writes hyperframe frames on a plain socket, as an attacker would, and a thread reads the sidecar's frames.
 Each test gets a fresh sidecar whose upstream is the backend app itself, so that its memory and the requests that
@@ -371,4 +372,49 @@ def test_a_window_that_never_opens_pauses_a_100_mib_response_upstream(mesh, back
     assert sent < size
     assert sent <= _sysctl_max("tcp_rmem") + _sysctl_max("tcp_wmem") + 8 * MiB
     assert growth < 50
+    assert_serves(port)
+
+
+def test_a_late_request_head_gets_goaway_after_one_request_header_timeout(mesh, backend) -> None:
+    """With `timeouts.request_headers: 2s`: preface + SETTINGS alone, a partial preface, and half a HEADERS frame
+    after a served request each end in GOAWAY naming the timeout (the half frame: PROTOCOL_ERROR) and a close after
+    2 s, not 4 (the partial preface once counted for detection and again for HTTP/1.1) and not after an hour."""
+    port = free_port()
+    config = sidecar_config(
+        service={"name": "web", "app": "127.0.0.1:1"},
+        upstreams=[{"service": "api", "bind": f"127.0.0.1:{port}", "tls": "off", "timeouts": {"request_headers": 2}}],
+        discovery={"static": {"api": [f"127.0.0.1:{backend['http']}"]}},
+    )
+    proc = mesh.sidecar(config, "outbound")
+    preface_only = RawH2(port)
+    partial = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    after_request = RawH2(port)
+    try:
+        started = time.monotonic()
+        partial.sendall(PREFACE[:10])
+        assert after_request.write(after_request.request(1, "/bytes?n=5"))
+        after_request.wait_for(lambda: 1 in after_request.ended, "the first response")
+        half_started = time.monotonic()
+        assert after_request.write(after_request.request(3, "/bytes?n=5")[:12])  # 9-byte header + 3 of the block
+
+        preface_only.wait_for(lambda: preface_only.closed, "the close")
+        preface_only_s = time.monotonic() - started
+        received = b""
+        while chunk := partial.recv(65536):
+            received += chunk
+        partial_s = time.monotonic() - started
+        after_request.wait_for(lambda: after_request.closed, "the close")
+        half_s = time.monotonic() - half_started
+    finally:
+        preface_only.close()
+        partial.close()
+        after_request.close()
+    print(f"closed after {preface_only_s:.2f} s (preface only), {partial_s:.2f} s (partial), {half_s:.2f} s (half)")
+    assert [(g.error_code, g.additional_data) for g in preface_only.goaways] == [(0, b"request header timeout")]
+    assert b"request header timeout" in received  # SETTINGS, then the GOAWAY
+    goaway = after_request.goaways[0]
+    assert (goaway.error_code, goaway.last_stream_id) == (ErrorCodes.PROTOCOL_ERROR, 1)
+    assert goaway.additional_data == b"request header timeout"
+    assert 1.9 < preface_only_s < 3.5 and 1.9 < partial_s < 3.5 and 1.9 < half_s < 3.5
+    proc.wait_for_count('"reason": "request header timeout"', 3)
     assert_serves(port)

@@ -193,7 +193,9 @@ def test_the_101st_concurrent_stream_alone_is_refused() -> None:
     server, peer = start()
     events = server.receive(b"".join(peer.headers(2 * i + 1, POST) for i in range(101)))
     assert [e.stream_id for e in only(events, Request)] == [2 * i + 1 for i in range(100)]
-    assert only(events, RequestRejected) == [RequestRejected(201, ErrorCodes.REFUSED_STREAM, events[-1].reason)]
+    assert only(events, RequestRejected) == [
+        RequestRejected(201, ErrorCodes.REFUSED_STREAM, "max concurrent streams exceeded", "refused")
+    ]
     frames = parse(server.data_to_send())
     assert [(f.stream_id, f.error_code) for f in frames] == [(201, ErrorCodes.REFUSED_STREAM)]
 
@@ -236,8 +238,12 @@ def pairs(peer: Peer, first: int, count: int) -> bytes:
 def test_rapid_reset_in_one_read_reaches_no_application_and_ends_in_goaway() -> None:
     server, peer = start()
     events = server.receive(pairs(peer, 1, 10_000))
-    # Every request opened and reset within one read is dropped: the application sees none of them.
+    # Every request opened and reset within one read is dropped: the application sees none of them, only what to
+    # count: 200 client resets, then the request whose reset ended the connection.
     assert only(events, Request) == [] and only(events, StreamReset) == []
+    rejected = only(events, RequestRejected)
+    assert [r.cause for r in rejected] == ["client_reset"] * 200 + ["connection_lost"]
+    assert rejected[0] == RequestRejected(1, 8, "reset by the client", "client_reset", 0, GET)
     assert events[-1] == ConnectionLost(events[-1].reason, ErrorCodes.ENHANCE_YOUR_CALM)
     goaway = kinds(parse(server.data_to_send()), GoAwayFrame)[0]
     assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
@@ -395,6 +401,30 @@ def test_a_header_block_split_over_continuations_is_fine() -> None:
     assert server.receive(frames) == [Request(1, [*GET, (b"x-big", b"v" * 3000)], True), StreamEnd(1)]
 
 
+def test_an_unfinished_header_block_is_timed_from_its_first_bytes_until_it_ends() -> None:
+    """`header_block_started` covers half a HEADERS frame and a block awaiting CONTINUATION, not body frames."""
+    clock = Clock()
+    server, peer = start(clock=clock)
+    block = peer.block([*POST, (b"x-big", b"v" * 3000)])
+    headers = HeadersFrame(1, data=block[:1000]).serialize()
+    assert server.header_block_started is None
+    server.receive(headers[:3])  # not even the frame type yet
+    assert server.header_block_started is None
+    clock.now += 1
+    server.receive(headers[3:20])
+    assert server.header_block_started == clock.now
+    started = clock.now
+    clock.now += 1
+    server.receive(headers[20:])  # the whole HEADERS frame, without END_HEADERS
+    clock.now += 1
+    server.receive(ContinuationFrame(1, data=block[1000:2000]).serialize())
+    assert server.header_block_started == started
+    assert only(server.receive(ContinuationFrame(1, data=block[2000:], flags=["END_HEADERS"]).serialize()), Request)
+    assert server.header_block_started is None
+    server.receive(DataFrame(1, data=b"x" * 100).serialize()[:50])  # half a DATA frame: a body, not a head
+    assert server.header_block_started is None
+
+
 def test_an_interleaved_frame_inside_a_header_block_is_a_protocol_error() -> None:
     server, peer = start()
     events = server.receive(HeadersFrame(1, data=peer.block(GET)[:2]).serialize() + PingFrame(0).serialize())
@@ -406,7 +436,9 @@ def test_oversize_header_list_is_answered_431_and_the_connection_stays_up() -> N
     big = [*POST, (b"x-big", b"v" * (64 * 1024))]
     events = server.receive(peer.headers(1, big))
     assert only(events, Request) == []
-    assert only(events, RequestRejected)[0].reason.startswith("431")
+    [rejected] = only(events, RequestRejected)
+    assert (rejected.cause, rejected.status) == ("answered", 431)
+    assert rejected.reason == "header list larger than 65536 bytes"
     frames = parse(server.data_to_send())
     assert [type(f) for f in frames] == [HeadersFrame, RstStreamFrame]
     assert frames[1].error_code == ErrorCodes.NO_ERROR
@@ -650,9 +682,11 @@ def test_any_chunking_of_a_valid_stream_yields_the_same_events(cuts: list[int]) 
         offset += cut
         if offset >= len(data):
             break
-    # A request whose HEADERS and RST_STREAM arrive in one read is dropped whole; otherwise nothing differs.
+    # A request whose HEADERS and RST_STREAM arrive in one read is dropped whole, leaving only a RequestRejected to
+    # count; otherwise nothing differs.
     if Request(3, GET, True) not in events:
         expected = [e for e in expected if getattr(e, "stream_id", None) != 3]
+        expected.append(RequestRejected(3, 8, "reset by the client", "client_reset", 0, GET))
     assert events == expected
 
 
@@ -704,7 +738,7 @@ def test_goaway_with_an_error_closes_at_once() -> None:
 def test_a_dropped_request_gives_its_body_window_back() -> None:
     server, peer = start(H2Limits(connection_window_size=65535))
     frames = peer.headers(1, POST) + body(1, 40_000) + RstStreamFrame(1, error_code=8).serialize()
-    assert server.receive(frames) == []
+    assert server.receive(frames) == [RequestRejected(1, 8, "reset by the client", "client_reset", 0, POST)]
     increments = [f.window_increment for f in kinds(parse(server.data_to_send()), WindowUpdateFrame)]
     assert sum(increments) >= 32768
 
