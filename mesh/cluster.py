@@ -20,7 +20,7 @@ from mesh.config import (
     RetrySettings,
 )
 from mesh.discovery import Endpoint, EndpointSet
-from mesh.errors import CONNECT_TIMEOUT, MeshError, no_endpoints
+from mesh.errors import MeshError, connect_timeout, no_endpoints
 from mesh.h2upstream import UPSTREAM_LIMITS, H2Connection, H2Exchange, H2Pool
 from mesh.health import HealthTracker, run_health_checks
 from mesh.http2 import H2Limits
@@ -152,14 +152,7 @@ class Cluster:
         """An endpoint for the next request: discovery's set, minus ejected endpoints, through the balancer.
 
         A retry passes the endpoints already tried in `avoid`; they are left out while any other remains."""
-        current = self.endpoints.value
-        if current is None:
-            raise no_endpoints(resolved=False)
-        endpoints = current.endpoints
-        if self.health is not None:  # before ejection, so that a panic only brings back endpoints that answer probes
-            endpoints = self.health.usable(endpoints)
-        if self.outlier is not None:
-            endpoints, _panic = self.outlier.usable(endpoints)
+        endpoints = self._usable()
         if avoid:
             keys = {e.key for e in avoid}
             others = [e for e in endpoints if e.key not in keys]
@@ -173,6 +166,26 @@ class Cluster:
         if endpoint is None:
             raise no_endpoints(resolved=True)
         return endpoint
+
+    def _usable(self) -> tuple[Endpoint, ...] | list[Endpoint]:
+        """Discovery's endpoints minus those health checks fail and those outlier detection ejects (unless all are)."""
+        current = self.endpoints.value
+        if current is None:
+            raise no_endpoints(resolved=False)
+        endpoints = current.endpoints
+        if self.health is not None:  # before ejection, so that a panic only brings back endpoints that answer probes
+            endpoints = self.health.usable(endpoints)
+        if self.outlier is not None:
+            endpoints, _panic = self.outlier.usable(endpoints)
+        return endpoints
+
+    def has_other(self, avoid: list[Endpoint]) -> bool:
+        """Some usable endpoint is not among `avoid` (a retry that must not go back to one of them can go on)."""
+        keys = {e.key for e in avoid}
+        try:
+            return any(e.key not in keys for e in self._usable())
+        except MeshError:
+            return False
 
     def hedge_delay(self) -> float | None:
         """How long a hedgeable request waits before its hedge: the fixed delay, or the recent p95 latency
@@ -219,7 +232,7 @@ class Cluster:
         or of one that another request is opening at the same time."""
         h2 = self.h2 if not http1 else None
         if http1 and self.protocol == "http2":
-            raise MeshError(502, "upgrade requests cannot reach an HTTP/2-only upstream")
+            raise MeshError(502, "upgrade requests cannot reach an HTTP/2-only upstream", "invalid_response")
         key = endpoint.key
         if h2 is not None:
             with trio.move_on_after(INF if timeout is None else timeout) as scope:
@@ -232,7 +245,7 @@ class Cluster:
                         self.metrics.upstream_conn(self.name, "reused")
                         return exchange
             if scope.cancelled_caught:
-                raise CONNECT_TIMEOUT
+                raise connect_timeout()
         if h2 is not None and key not in h2.connecting:
             opening = h2.connecting[key] = trio.Event()
         else:
@@ -249,7 +262,7 @@ class Cluster:
     ) -> UpstreamConnection | H2Exchange:
         limit = self.breaker.admit_connection()
         if limit is not None:
-            raise MeshError(503, f"circuit open ({limit})")
+            raise MeshError(503, f"circuit open ({limit})", "circuit_open")
         opened = False
         try:
             with trio.move_on_after(INF if timeout is None else timeout) as scope:
@@ -264,7 +277,7 @@ class Cluster:
                     sock.close()
                     raise
             if scope.cancelled_caught:
-                raise CONNECT_TIMEOUT
+                raise connect_timeout()
             opened = True
         finally:
             self.breaker.pending_done(opened=opened)
@@ -277,7 +290,7 @@ class Cluster:
                 if not speaks_h2 and self.protocol == "http2":
                     stream.close()
                     self.breaker.connection_closed()
-                    raise MeshError(502, "upstream did not agree to HTTP/2 (ALPN)")
+                    raise MeshError(502, "upstream did not agree to HTTP/2 (ALPN)", "tls_failed")
             h2.known.add(endpoint.key)
             if speaks_h2:
                 h2.speaks_h2.add(endpoint.key)
@@ -374,4 +387,5 @@ class Cluster:
 
 
 def _connect_error(exc: OSError) -> MeshError:
-    return MeshError(502, f"upstream {connect_failure(exc)}")
+    reason = connect_failure(exc)
+    return MeshError(502, f"upstream {reason}", "connect_refused" if reason == "connect refused" else "connect_failed")

@@ -21,19 +21,38 @@ HOP_BY_HOP = frozenset(
     }
 )
 MESH_PREFIX = b"x-mesh-"
+# Upgrade protocols tunnelled after a 101 unless a listener says otherwise (DESIGN rule 6).
+DEFAULT_UPGRADES = frozenset({b"websocket"})
 # Connection tokens that only steer this hop and never name another header to strip.
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 # Response statuses that never carry a body, whatever their framing headers say.
 _BODYLESS_STATUS = frozenset({204, 304})
 
 
-class ProtocolError(Exception):
-    """A message that must not be forwarded: answer `status` with `reason` (requests) and close the connection."""
+# The reason code (mesh.errors.REASON_CODES) of a refused message, by the status it is answered with.
+_CODE_BY_STATUS = {
+    400: "bad_request",
+    405: "method_not_allowed",
+    408: "header_timeout",
+    413: "body_too_large",
+    503: "draining",
+    417: "unsupported_expect",
+    431: "headers_too_large",
+    501: "not_implemented",
+    502: "invalid_response",
+    505: "version_not_supported",
+}
 
-    def __init__(self, status: int, reason: str) -> None:
+
+class ProtocolError(Exception):
+    """A message that must not be forwarded: answer `status` with `reason` (requests) and close the connection.
+    `code` is the reason code for metrics (mesh.errors.REASON_CODES), by default the one of `status`."""
+
+    def __init__(self, status: int, reason: str, code: str | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.code = code or _CODE_BY_STATUS.get(status, "bad_request")
 
 
 class Http2Preface(ProtocolError):
@@ -157,6 +176,7 @@ class _Reader:
         "_max_header_count",
         "_parser",
         "_raw_headers",
+        "_resume",
         "_url",
         "events",
         "in_head",
@@ -176,6 +196,7 @@ class _Reader:
         self._body_seen = 0
         self.events: deque[object] = deque()
         self.upgraded_data: bytes | None = None
+        self._resume: bytes | None = None  # see RequestReader: a declined upgrade's body framing
 
     # -- httptools callbacks -------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -224,15 +245,24 @@ class _Reader:
                 raise cause from None
             raise
         except httptools.HttpParserUpgrade as exc:
-            self.upgraded_data = data[exc.args[0] :]
+            rest = data[exc.args[0] :]
+            if self._resume is None:
+                self.upgraded_data = rest
+            else:  # an upgrade the request reader declined: what follows is still HTTP/1.1 (see RequestReader)
+                self._continue(rest)
+                return
         except httptools.HttpParserError as exc:
-            if "Pause on PRI" in str(exc) and self._error_status == 400:  # llhttp stops at the HTTP/2 preface
-                raise Http2Preface(
-                    505, "HTTP/2 preface on a TLS connection that agreed on http/1.1: offer h2 in ALPN"
-                ) from None
-            if "Invalid `Transfer-Encoding`" in str(exc) and self._error_status == 400:
-                raise ProtocolError(501, "unsupported Transfer-Encoding (only 'chunked' is accepted)") from None
-            raise ProtocolError(self._error_status, f"malformed HTTP/1.1: {exc}") from None
+            message = str(exc)
+            if self._error_status == 400:
+                if "Pause on PRI" in message:  # llhttp stops at the HTTP/2 preface
+                    raise Http2Preface(
+                        505, "HTTP/2 preface on a TLS connection that agreed on http/1.1: offer h2 in ALPN"
+                    ) from None
+                if "Invalid `Transfer-Encoding`" in message:
+                    raise ProtocolError(501, "unsupported Transfer-Encoding (only 'chunked' is accepted)") from None
+                if "can't be present with" in message:  # llhttp's own CL+TE check comes before ours
+                    raise ProtocolError(400, "both Content-Length and Transfer-Encoding") from None
+            raise ProtocolError(self._error_status, f"malformed HTTP/1.1: {message}") from None
         if self.in_head:
             # llhttp buffers a header it has not finished yet; a head that never ends is refused here.
             self._head_fed += len(data)
@@ -244,21 +274,58 @@ class _Reader:
         events = self.events
         return events.popleft() if events else None
 
+    def _continue(self, rest: bytes) -> None:
+        """Go on parsing after llhttp stopped at an upgrade nobody takes: a new parser, first fed a made-up head
+        with the declined request's body framing (its events are dropped) so that its body is parsed as a body,
+        then `rest`."""
+        framing, self._resume = self._resume, None
+        self._parser = httptools.HttpRequestParser(self)
+        if framing:
+            events = self.events
+            if events and events[-1] is END:
+                events.pop()  # llhttp ended the request at its head; its body follows
+            before = len(events)
+            self._feed(framing)
+            del events[before]  # the made-up head; its body and END follow as the declined request's own
+        if rest:
+            self._feed(rest)
+
 
 class RequestReader(_Reader):
     """Parses a stream of requests from one downstream connection and validates each head.
 
     Raises ProtocolError from `feed` for anything that must not be forwarded; the caller answers
-    `exc.status` and closes the connection, because the stream can no longer be framed safely."""
+    `exc.status` and closes the connection, because the stream can no longer be framed safely.
 
-    __slots__ = ()
+    Upgrades (DESIGN rule 6): a request is an upgrade (`RequestHead.upgrade`) only when it names exactly one
+    protocol of `upgrades` (compared without case and version), has no body, and is HTTP/1.1 with `Connection:
+    upgrade`. Any other `Upgrade` (`h2c` above all) is dropped with the other hop-by-hop headers and the request
+    is an ordinary one: llhttp, which stops parsing at any upgrade, is made to go on (`_continue`). When an upgrade
+    was forwarded and the upstream declined it (no 101), `resume()` does the same, so that the connection
+    carries its next request."""
+
+    __slots__ = ("_upgrades",)
 
     def __init__(
-        self, *, max_header_bytes: int = 65536, max_header_count: int = 100, max_body_bytes: int | None = None
+        self,
+        *,
+        max_header_bytes: int = 65536,
+        max_header_count: int = 100,
+        max_body_bytes: int | None = None,
+        upgrades: frozenset[bytes] = DEFAULT_UPGRADES,
     ) -> None:
         super().__init__(max_header_bytes, max_header_count, 400)
         self._body_limit = max_body_bytes
+        self._upgrades = upgrades
         self._parser = httptools.HttpRequestParser(self)
+
+    def resume(self) -> bytes:
+        """The upgrade of the last request was declined (the upstream did not answer 101): parse HTTP/1.1 requests
+        again from here. Returns the bytes that followed the request, for the caller to feed again."""
+        rest = self.upgraded_data or b""
+        self.upgraded_data = None
+        self._parser = httptools.HttpRequestParser(self)
+        return rest
 
     def feed(self, data: bytes) -> None:
         self._feed(data)
@@ -307,7 +374,16 @@ class RequestReader(_Reader):
         upgrade = None
         upgrades = framing.get(b"upgrade")
         if upgrades and b"upgrade" in tokens and not http10:
-            upgrade = upgrades[0]
+            offered = [t.strip() for v in upgrades for t in v.split(b",") if t.strip()]
+            name = offered[0].split(b"/", 1)[0].lower() if len(offered) == 1 else b""
+            if name in self._upgrades and not chunked and not content_length:
+                upgrade = offered[0]
+            elif chunked:  # declined here: llhttp will still stop at the head, and must be made to go on
+                self._resume = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+            elif content_length:
+                self._resume = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % content_length
+            else:
+                self._resume = b""
         self.events.append(
             RequestHead(
                 method=method,

@@ -23,8 +23,9 @@ from mesh.deadline import (
     parse_grpc_timeout,
 )
 from mesh.discovery import Endpoint
-from mesh.errors import DEADLINE_EXPIRED, REQUEST_TIMEOUT, MeshError, grpc_error_headers, is_grpc
+from mesh.errors import MeshError, deadline_expired, grpc_error_headers, is_grpc, request_timeout
 from mesh.http1 import (
+    DEFAULT_UPGRADES,
     END,
     Http2Preface,
     ProtocolError,
@@ -51,8 +52,10 @@ READ_SIZE = 65536
 _EMPTY_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
-# What a connection is waiting for, which decides what happens when its deadline passes.
-_IDLE, _HEAD, _REQUEST, _STALL = range(4)
+# What a connection is waiting for, which decides what happens when its deadline passes: the next request, the
+# rest of a request head, the response head (timeouts.request), more of a response body (timeouts.idle), progress
+# of a request body (timeouts.idle; timeouts.request starts when the body has been forwarded).
+_IDLE, _HEAD, _REQUEST, _STALL, _BODY = range(5)
 
 
 class DownstreamGone(Exception):
@@ -68,15 +71,20 @@ class HttpProxySettings:
     timeouts: Timeouts
     limits: Limits
     forwarded_proto: bytes = b"http"
+    upgrades: frozenset[bytes] = DEFAULT_UPGRADES  # Upgrade protocols tunnelled after a 101 (DESIGN rule 6)
+    identity: bytes = b""  # this sidecar's SPIFFE ID: `By=` of the x-forwarded-client-cert the inbound sets
 
 
 class HttpProxy:
     """Serves HTTP/1.1 downstream connections by forwarding each request to an endpoint of `cluster`.
 
-    Request and response bodies are streamed with backpressure; nothing is buffered whole. The request
-    timeout covers connecting and waiting for the response head; once the response streams, a stall
-    longer than the idle timeout aborts it. Every request gets exactly one outcome: the upstream's
-    response, a mesh error with `x-mesh-error`, or (when the response was cut) an aborted connection."""
+    Request and response bodies are streamed with backpressure; nothing is buffered whole (the first
+    `limits.request_buffer` bytes of a body are read before the request is sent on). The request timeout
+    starts when the request body has been forwarded and covers connecting, retries and waiting for the
+    response head; while a body streams, and once the response streams, a stall longer than the idle
+    timeout ends it. A caller's deadline (`grpc-timeout`, `x-mesh-deadline`) runs from the request head.
+    Every request gets exactly one outcome: the upstream's response, a mesh error with `x-mesh-error`,
+    or (when the response was cut) an aborted connection."""
 
     def __init__(
         self,
@@ -109,13 +117,16 @@ class HttpProxy:
             return  # refused at the TLS handshake; the acceptor logged why
         initial = b""
         http2 = False
+        # One request-header timeout from here covers protocol detection and, on HTTP/2, the first request head.
+        head_deadline = trio.current_time() + self.settings.timeouts.request_headers
         if accepted.peer_identity is None:  # plaintext: the client may speak HTTP/2 with prior knowledge
-            initial = await self._first_bytes(accepted.stream)
+            initial = await self._first_bytes(accepted.stream, head_deadline)
             if initial is None:
                 self.metrics.protocol_detected(self.settings.direction, self.settings.upstream, "none")
                 accepted.stream.close()
                 return
-            http2 = initial.startswith(H2_PREFACE)
+            # A preface cut short (the deadline passed, or the client closed) is HTTP/2's to answer.
+            http2 = initial.startswith(H2_PREFACE) or H2_PREFACE.startswith(initial)
         else:  # TLS: ALPN decided
             http2 = accepted.stream.selected_alpn_protocol() == "h2"  # type: ignore[union-attr]
         self.metrics.protocol_detected(self.settings.direction, self.settings.upstream, "http2" if http2 else "http1")
@@ -124,18 +135,18 @@ class HttpProxy:
             if http2:
                 from mesh.h2proxy import H2Downstream
 
-                await H2Downstream(self, accepted, initial).serve()
+                await H2Downstream(self, accepted, initial, head_deadline).serve()
                 return
             await _Downstream(self, accepted, initial).serve()
         finally:
             accepted.stream.close()
             self.metrics.connection_closed(self.settings.direction, self.settings.upstream)
 
-    async def _first_bytes(self, stream: trio.abc.Stream) -> bytes | None:
-        """The client's first bytes, enough to tell the HTTP/2 preface from HTTP/1.1; None if it sent nothing
-        within the request-header timeout or closed."""
+    async def _first_bytes(self, stream: trio.abc.Stream, deadline: float) -> bytes | None:
+        """The client's first bytes, enough to tell the HTTP/2 preface from HTTP/1.1 (or part of the preface, if
+        `deadline` passed first); None if it sent nothing by `deadline` or closed."""
         data = b""
-        with trio.move_on_after(self.settings.timeouts.request_headers):
+        with trio.move_on_at(deadline):
             try:
                 while True:
                     chunk = await stream.receive_some(READ_SIZE)
@@ -167,7 +178,10 @@ class _Exchange:
     """Book-keeping for one request: what was sent and received, for the access log and the reuse decision."""
 
     __slots__ = (
+        "caller_deadline",
         "endpoint",
+        "error_code",
+        "forwarded",
         "head_at",
         "mesh_error",
         "request_done",
@@ -176,13 +190,18 @@ class _Exchange:
         "rx",
         "status",
         "tx",
+        "upstream_reading",
     )
 
     def __init__(self) -> None:
+        self.caller_deadline = INF  # from grpc-timeout or (inbound) x-mesh-deadline: runs from the request head
         self.endpoint = ""
+        self.error_code = ""  # mesh.errors.REASON_CODES, with mesh_error
+        self.forwarded = False  # request bytes were handed to an upstream: the request may have run
         self.head_at = 0.0  # when the final response head arrived (trio clock); 0.0 until then
         self.mesh_error = ""
         self.request_done = False  # the whole request body was read from downstream
+        self.upstream_reading = False  # a streaming body waits for the upstream to take it (not for the client)
         self.request_id = b""
         self.response_started = False  # bytes of the final response went downstream
         self.rx = 0
@@ -207,6 +226,7 @@ class _Downstream:
         "timer",
         "upstream",
         "waiting_for",
+        "waker",
     )
 
     def __init__(self, proxy: HttpProxy, accepted: Accepted, initial: bytes = b"") -> None:
@@ -227,13 +247,16 @@ class _Downstream:
             max_header_bytes=limits.max_header_bytes,
             max_header_count=limits.max_header_count,
             max_body_bytes=limits.max_body_bytes,
+            upgrades=proxy.settings.upgrades,
         )
+        self.waker = _IdleWake(stream)
         try:
             self.peer_ip = stream.socket.getpeername()[0].encode()
         except OSError:
             self.peer_ip = b""
 
     def expire(self) -> None:
+        """The deadline passed, or the drain deadline cut the exchange: `_timed_out` answers for it."""
         self.timer.cancel()
 
     async def serve(self) -> None:
@@ -246,7 +269,7 @@ class _Downstream:
                 await self._timed_out()
         finally:
             sweeper.discard(self)
-            self.proxy.drain.busy(self)
+            self.proxy.drain.busy(self.waker)
             if self.upstream is not None:
                 self.upstream.close()
 
@@ -268,31 +291,50 @@ class _Downstream:
                 return
 
     async def _timed_out(self) -> None:
-        """The connection's deadline passed (or a drain closed it while idle): answer what is due, then close."""
+        """The connection's deadline passed, or the drain deadline cut its exchange: answer what is due, then
+        close. A request that may have reached the upstream is never answered with a timeout it did not have."""
         waiting_for = self.waiting_for
-        if waiting_for == _IDLE:
+        cut = self.proxy.drain.cutting
+        if self.exchange is None:  # between requests
+            if waiting_for == _HEAD:
+                exc = ProtocolError(503, "draining") if cut else ProtocolError(408, "request header timeout")
+                self._rejected(exc)
+                await self._send_error(exc.status, exc.reason, close=True)
             return
-        if waiting_for == _HEAD:
-            exc = ProtocolError(408, "request header timeout")
-            self._rejected(exc)
-            await self._send_error(exc.status, exc.reason, close=True)
-            return
-        assert self.exchange is not None
         head, ex, start = self.exchange
-        if waiting_for == _REQUEST:
-            error = REQUEST_TIMEOUT
+        if cut:
+            error = _drain_error(ex)
+        elif waiting_for == _BODY:
+            error = self._body_stalled(ex)
+        elif waiting_for == _STALL:
+            error = MeshError(504, "upstream response stalled past the idle timeout", "response_stalled")
         else:
-            error = MeshError(504, "upstream response stalled past the idle timeout")
+            error = request_timeout()
         ex.mesh_error = error.reason
+        ex.error_code = error.code
         if not ex.response_started:
             ex.request_done = False  # whatever remains of the request body is abandoned with the connection
             await self._send_mesh_error(error.status, error.reason, head, ex)
         self._finish(head, ex, start)
 
+    def _client_left(self) -> bool:
+        """The client ended the exchange itself (HTTP/2: it reset the stream); an HTTP/1.1 client that leaves is
+        seen as DownstreamGone instead."""
+        return False
+
+    def _body_stalled(self, ex: _Exchange) -> MeshError:
+        """The error for a request body that made no progress for timeouts.idle (or outlived the caller's
+        deadline while it streamed)."""
+        if trio.current_time() >= ex.caller_deadline:
+            return request_timeout()
+        if ex.upstream_reading:
+            return MeshError(504, "upstream stopped reading the request body", "response_stalled")
+        return MeshError(408, "request body stalled past the idle timeout", "body_stalled")
+
     def _rejected(self, exc: ProtocolError) -> None:
         settings = self.proxy.settings
         self.proxy.metrics.request_done(settings.direction, settings.upstream, exc.status, 0.0, 0, 0)
-        self.proxy.metrics.error(settings.direction, settings.upstream, exc.reason)
+        self.proxy.metrics.error(settings.direction, settings.upstream, exc.code)
         log.info(
             "request rejected",
             direction=settings.direction,
@@ -310,17 +352,20 @@ class _Downstream:
         if event is not None:
             return event  # a pipelined request already parsed
         drain = self.proxy.drain
-        if drain.draining:
-            return None
         self.deadline = trio.current_time() + self.timeouts.idle
         self.waiting_for = _IDLE
+        waker = self.waker
         while True:
             in_head = reader.in_head
             if in_head and self.waiting_for == _IDLE:
                 self.deadline = trio.current_time() + self.timeouts.request_headers
                 self.waiting_for = _HEAD
             if not in_head:
-                drain.idle(self)
+                # Between requests a drain closes the connection. It wakes this wait only while it still waits:
+                # bytes already received are a request to serve (with Connection: close), never to drop.
+                if drain.draining:
+                    return None
+                drain.idle(waker)
             try:
                 if self.pending:
                     data, self.pending = self.pending, b""
@@ -329,7 +374,7 @@ class _Downstream:
             except _STREAM_ERRORS:
                 return None
             finally:
-                drain.busy(self)
+                drain.busy(waker)
             if not data:
                 if in_head:
                     raise ProtocolError(400, "connection closed mid-request")
@@ -340,14 +385,15 @@ class _Downstream:
                 return event
 
     async def _body_event(self) -> object:
-        """The next request body event (bytes, Trailers or END), reading more from downstream as needed."""
+        """The next request body event (bytes, Trailers or END), reading more from downstream as needed. The
+        caller keeps the connection's deadline (waiting_for _BODY), which bounds a stalled body."""
         reader = self.reader
         event = reader.next_event()
         while event is None:
-            with trio.move_on_after(self.timeouts.idle) as scope:
+            try:
                 data = await self.stream.receive_some(READ_SIZE)
-            if scope.cancelled_caught:
-                raise DownstreamGone("request body stalled past the idle timeout")
+            except _STREAM_ERRORS:
+                raise DownstreamGone("client connection lost mid-request") from None
             if not data:
                 raise DownstreamGone("client closed mid-request")
             reader.feed(data)
@@ -385,24 +431,32 @@ class _Downstream:
         ex = _Exchange()
         self.exchange = (head, ex, start)
         keep_alive = False
+        drain = self.proxy.drain
+        drain.active(self)  # the drain deadline answers it (see _timed_out) rather than dropping it
         try:
             keep_alive = await self._forward(head, ex, start)
         except MeshError as exc:
             ex.mesh_error = exc.reason
+            ex.error_code = exc.code
             if ex.response_started:
                 keep_alive = False
             else:
                 keep_alive = await self._send_mesh_error(exc.status, exc.reason, head, ex)
         except ProtocolError as exc:  # the request body broke its framing or a limit mid-stream
             ex.mesh_error = exc.reason
+            ex.error_code = exc.code
             if not ex.response_started:
                 await self._send_error(exc.status, exc.reason, close=True, grpc=is_grpc(head.headers))
                 ex.status = exc.status
         except DownstreamGone as exc:
             ex.mesh_error = str(exc)
+            ex.error_code = "client_gone"
         except _STREAM_ERRORS:
             if not ex.mesh_error:
                 ex.mesh_error = "downstream connection lost"
+                ex.error_code = "client_gone"
+        finally:
+            drain.finished(self)
         if self.upstream is not None:  # the exchange failed while holding it: its state is unknown
             self.upstream.close()
             self.upstream = None
@@ -418,7 +472,7 @@ class _Downstream:
         if ex.status:
             proxy.metrics.request_done(settings.direction, settings.upstream, ex.status, duration, ex.rx, ex.tx)
         if ex.mesh_error:
-            proxy.metrics.error(settings.direction, settings.upstream, ex.mesh_error)
+            proxy.metrics.error(settings.direction, settings.upstream, ex.error_code or "other")
         if not proxy.access_log.enabled:
             return
         proxy.access_log.request(
@@ -439,7 +493,7 @@ class _Downstream:
     def _upstream_headers(self, head: RequestHead, ex: _Exchange) -> tuple[list[tuple[bytes, bytes]], int]:
         """The request's headers for the upstream, and the index of its `grpc-timeout` (-1 if none)."""
         headers = head.headers
-        xff = proto = rid = False
+        xff = proto = rid = xfcc = False
         grpc_timeout = -1
         for i, (name, value) in enumerate(headers):
             first = name[0]
@@ -452,8 +506,14 @@ class _Downstream:
                 elif name == b"x-request-id":
                     rid = True
                     ex.request_id = value
+                elif name == b"x-forwarded-client-cert":
+                    xfcc = True
             elif first == 103 and name == GRPC_TIMEOUT:  # b"g"
                 grpc_timeout = i
+        inbound = not self.proxy.outbound
+        if xfcc and inbound:  # only the inbound's own, from the verified certificate, may reach the app
+            headers[:] = [(n, v) for n, v in headers if n != b"x-forwarded-client-cert"]
+            grpc_timeout = next((i for i, (n, _) in enumerate(headers) if n == GRPC_TIMEOUT), -1)
         if not xff and self.peer_ip:
             headers.append((b"x-forwarded-for", self.peer_ip))
         if not proto:
@@ -461,8 +521,13 @@ class _Downstream:
         if not rid:
             ex.request_id = _new_request_id()
             headers.append((b"x-request-id", ex.request_id))
-        if self.accepted.peer_identity is not None:  # the caller's verified identity, for the application
-            headers.append((b"x-mesh-peer-identity", self.accepted.peer_identity.encode()))
+        accepted = self.accepted
+        if accepted.peer_identity is not None:  # the caller's verified identity, for the application
+            peer = accepted.peer_identity.encode()
+            headers.append((b"x-mesh-peer-identity", peer))
+            if inbound:  # Envoy's SANITIZE_SET: what the app sees describes the certificate this hop verified
+                value = b"By=%s;Hash=%s;URI=%s" % (self.proxy.settings.identity, accepted.cert_hash.encode(), peer)
+                headers.append((b"x-forwarded-client-cert", value))
         if head.chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         elif head.content_length is not None:
@@ -476,10 +541,10 @@ class _Downstream:
             headers.append((b"upgrade", head.upgrade))
         return headers, grpc_timeout
 
-    def _deadline(self, head: RequestHead, start: float, grpc_timeout: int) -> float:
-        """When the request's budget ends: the request timeout, shortened by a `grpc-timeout` and (inbound) by
-        the caller's mesh deadline. MeshError 504 if the budget is already spent: the request is not forwarded."""
-        timeout = self.timeouts.request or INF
+    def _caller_deadline(self, head: RequestHead, start: float, grpc_timeout: int) -> float:
+        """When the caller's own budget ends, counted from the request head: its `grpc-timeout` and (inbound) its
+        mesh deadline; INF if it sent neither. MeshError 504 if it is already spent: nothing is forwarded."""
+        timeout = INF
         if head.mesh_headers and self.proxy.settings.direction == "inbound":
             for name, value in head.mesh_headers:
                 if name == DEADLINE_HEADER and (left := parse_deadline_ms(value)) is not None:
@@ -487,23 +552,53 @@ class _Downstream:
         if grpc_timeout >= 0 and (left := parse_grpc_timeout(head.headers[grpc_timeout][1])) is not None:
             timeout = min(timeout, left)
         if timeout <= 0:
-            raise DEADLINE_EXPIRED
+            raise deadline_expired()
         return start + timeout
+
+    def _request_deadline(self, ex: _Exchange) -> float:
+        """The deadline once the request body has been forwarded (or read whole): timeouts.request from now,
+        never later than the caller's deadline."""
+        timeout = self.timeouts.request
+        if not timeout:
+            return ex.caller_deadline
+        return min(ex.caller_deadline, trio.current_time() + timeout)
 
     async def _forward(self, head: RequestHead, ex: _Exchange, start: float) -> bool:
         proxy = self.proxy
         if not self.accepted.allowed:
-            raise MeshError(403, f"caller {self.accepted.peer_identity} denied: {self.accepted.rule}")
+            raise MeshError(403, f"caller {self.accepted.peer_identity} denied: {self.accepted.rule}", "denied")
         headers, grpc_timeout = self._upstream_headers(head, ex)
-        deadline = self._deadline(head, start, grpc_timeout)
+        ex.caller_deadline = self._caller_deadline(head, start, grpc_timeout)
+        # The body's first bytes are read before the request takes anything of the cluster's: a client that
+        # trickles its body then holds only its own connection, not an upstream connection or breaker slot.
+        body, body_complete = await self._prebuffer(head, ex)
         cluster = proxy.cluster
         limit = cluster.breaker.admit_request()
         if limit is not None:
-            raise MeshError(503, f"circuit open ({limit})")
+            raise MeshError(503, f"circuit open ({limit})", "circuit_open")
         try:
-            return await self._tries(head, ex, headers, grpc_timeout, deadline)
+            return await self._tries(head, ex, headers, grpc_timeout, body, body_complete)
         finally:
             cluster.breaker.request_done()
+
+    async def _prebuffer(self, head: RequestHead, ex: _Exchange) -> tuple[list[bytes], bool]:
+        """The request body framed for the upstream as far as it is read before the first try, and True if that
+        is all of it: the whole of a small body that a retry may send again, else at most `limits.request_buffer`
+        bytes. Nothing more is read for a request that waits for 100 Continue, an upgrade, or gRPC (whose streams
+        may wait for responses before they send more)."""
+        body, complete = self._available_body(head, ex)
+        if complete:
+            return body, True
+        retry = self.proxy.cluster.retry
+        if retry is not None and _worth_buffering(head, retry.max_body_bytes):
+            want = INF
+        elif head.expect_continue or head.upgrade is not None or is_grpc(head.headers):
+            return body, False
+        else:
+            want = self.limits.request_buffer
+        if ex.rx >= want:
+            return body, False
+        return body, await self._buffer_body(head, ex, body, want)
 
     def _hash_key(self, head: RequestHead, hash_on: HashOn) -> bytes | None:
         """The request's value for a consistent-hash balancer: a header, or a cookie from `cookie` headers."""
@@ -528,11 +623,12 @@ class _Downstream:
         ex: _Exchange,
         now: float,
     ) -> bytes:
-        """One try's request head: the deadline headers carry what is left of the budget at this moment."""
+        """One try's request head: the deadline headers carry what is left of the budget at this moment (for a
+        body still streaming, only the caller's deadline: the request timeout has not started)."""
         if deadline != INF:
             left = deadline - now
             if left <= 0:
-                raise REQUEST_TIMEOUT
+                raise request_timeout()
             if self.proxy.outbound:  # the mesh deadline: the last header, replaced by every later try
                 value = (DEADLINE_HEADER, format_deadline_ms(left))
                 if headers[-1][0] is DEADLINE_HEADER:
@@ -546,16 +642,25 @@ class _Downstream:
         return http1.request_head_bytes(head.method, head.target, headers)
 
     async def _tries(
-        self, head: RequestHead, ex: _Exchange, headers: list[tuple[bytes, bytes]], grpc_timeout: int, deadline: float
+        self,
+        head: RequestHead,
+        ex: _Exchange,
+        headers: list[tuple[bytes, bytes]],
+        grpc_timeout: int,
+        body: list[bytes],
+        body_complete: bool,
     ) -> bool:
         """Send the request to an endpoint, and again to others while the retry policy allows (DESIGN rule 2)."""
         cluster = self.proxy.cluster
         retry = cluster.retry
-        self.deadline = deadline
-        self.waiting_for = _REQUEST
-        body, body_complete = self._available_body(head, ex)
-        if retry is not None and not body_complete and _worth_buffering(head, retry.max_body_bytes):
-            body_complete = await self._buffer_body(head, ex, body)
+        if body_complete:
+            deadline = self._request_deadline(ex)
+            self.deadline = deadline
+            self.waiting_for = _REQUEST
+        else:  # the request timeout starts when the pump has forwarded the body; until then its progress counts
+            deadline = ex.caller_deadline
+            self.deadline = min(deadline, trio.current_time() + self.timeouts.idle)
+            self.waiting_for = _BODY
         body_bytes = b"".join(body) if body else b""
         # A body can be sent again only if all of it is here; an upgrade is never repeated.
         resendable = body_complete and head.upgrade is None
@@ -573,8 +678,12 @@ class _Downstream:
         if cluster.hedging is not None and resendable and head.method in IDEMPOTENT and not head.expect_continue:
             hedge_after = cluster.hedge_delay()
         tried: list[Endpoint] = []
+        refused: list[Endpoint] = []  # identity checks failed: deterministic, never tried again
+        failed: _TryFailed | None = None
         while True:
             endpoint = cluster.pick(hash_key, tried)
+            if failed is not None and endpoint in refused:
+                raise failed.error  # every other endpoint was tried too
             ex.endpoint = str(endpoint)
             ex.status = 0
             ex.head_at = 0.0
@@ -599,8 +708,7 @@ class _Downstream:
                         conn.close()
                         self.upstream = None
                         retry.count(f"status_{response.status}")
-                        failed = _TryFailed(MeshError(response.status, ""), STATUS)
-                        raise failed
+                        raise _TryFailed(MeshError(response.status, ""), STATUS)
                 if response.upgrade:
                     return await self._upgraded(head, response, reader, conn, ex)
                 return await self._stream_response(head, response, reader, conn, ex, None)
@@ -608,17 +716,26 @@ class _Downstream:
                 failed = exc
                 if exc.reason != STATUS:
                     pause = None
-                    if exc.never_ran or resendable:
+                    if exc.error.code == "tls_identity":
+                        refused.append(endpoint)
+                    if refused and not cluster.has_other(refused):
+                        pass  # a certificate or identity that failed its check fails it again: no retry to it
+                    elif exc.never_ran or resendable:
                         pause = self._retry_pause(retry, exc.reason, head, len(tried), deadline, None, exc.never_ran)
                     if pause is None:
                         raise exc.error from None
                     assert retry is not None
                     retry.count(exc.reason)
             except MeshError as exc:
-                judged = exc.status != 503  # a local limit (circuit open) says nothing about the endpoint
+                judged = exc.code != "circuit_open"  # a local limit says nothing about the endpoint
                 raise
             except DownstreamGone:
                 judged = False  # the client left: says nothing about the endpoint
+                raise
+            except trio.Cancelled:
+                # A deadline that passed counts against the endpoint; a client that reset its stream (a cancelled
+                # gRPC call) or the drain deadline says nothing about it.
+                judged = not (self._client_left() or self.proxy.drain.cutting)
                 raise
             finally:
                 # An outcome for the balancer's latency view and for outlier detection: a 5xx, or no response
@@ -669,6 +786,7 @@ class _Downstream:
             try:
                 one.conn = cluster.take_idle(one.endpoint) or await self._connect(one.endpoint)
                 one.conn.requests += 1
+                ex.forwarded = True
                 try:
                     await one.conn.stream.send_all(data)
                 except _STREAM_ERRORS:
@@ -677,7 +795,7 @@ class _Downstream:
                 winner = one
                 nursery.cancel_scope.cancel()
             except _UpstreamLost as lost:
-                one.fail(_TryFailed(MeshError(502, lost.reason), RESET))
+                one.fail(_TryFailed(MeshError(502, lost.reason, "upstream_reset"), RESET))
             except _TryFailed as exc:
                 one.fail(exc)
             except MeshError as exc:  # an invalid response, a circuit open: not a reason to retry
@@ -778,10 +896,15 @@ class _Downstream:
             return None
         return pause
 
-    async def _buffer_body(self, head: RequestHead, ex: _Exchange, body: list[bytes]) -> bool:
-        """Read the rest of a small request body before the first try, so that a retry can send it again."""
+    async def _buffer_body(self, head: RequestHead, ex: _Exchange, body: list[bytes], want: float) -> bool:
+        """Read more of the request body into `body` (framed for the upstream) until it ends or `want` bytes are
+        here; True if it ended. Each piece must come within timeouts.idle (and the caller's deadline)."""
         chunked = head.chunked
-        while True:
+        caller_deadline = ex.caller_deadline
+        idle = self.timeouts.idle
+        self.waiting_for = _BODY
+        while ex.rx < want:
+            self.deadline = min(caller_deadline, trio.current_time() + idle)
             event = await self._body_event()
             if event is END:
                 if chunked:
@@ -796,6 +919,7 @@ class _Downstream:
             assert isinstance(event, bytes)
             ex.rx += len(event)
             body.append(http1.chunk_bytes(event) if chunked else event)
+        return False
 
     async def _connect(self, endpoint: Endpoint, http1: bool = False) -> UpstreamConnection:
         try:
@@ -817,8 +941,8 @@ class _Downstream:
             self.upstream.close()
             self.upstream = None
         if trio.current_time() >= deadline:
-            raise REQUEST_TIMEOUT
-        raise _TryFailed(MeshError(504, "upstream per-try timeout"), PER_TRY_TIMEOUT)
+            raise request_timeout()
+        raise _TryFailed(MeshError(504, "upstream per-try timeout", "per_try_timeout"), PER_TRY_TIMEOUT)
 
     async def _send_for_head(
         self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: _Exchange
@@ -835,6 +959,7 @@ class _Downstream:
                 conn = await self._connect(endpoint, http1)
             conn.requests += 1
             self.upstream = conn
+            ex.forwarded = True
             try:
                 try:
                     await conn.stream.send_all(data)
@@ -848,7 +973,7 @@ class _Downstream:
                 conn.close()
                 self.upstream = conn = None
                 if replayed or not (((reused and replayable) or refused) and not lost.response_bytes):
-                    raise _TryFailed(MeshError(502, lost.reason), RESET, never_ran=refused) from None
+                    raise _TryFailed(MeshError(502, lost.reason, "upstream_reset"), RESET, never_ran=refused) from None
                 replayed = True
                 log.debug("retrying on a new connection", upstream=self.proxy.cluster.name, endpoint=ex.endpoint)
 
@@ -864,11 +989,12 @@ class _Downstream:
 
     async def _send_streaming(self, head: RequestHead, data: bytes, conn: UpstreamConnection, ex: _Exchange) -> bool:
         pump = _BodyPump(self, head, conn, ex)
+        ex.forwarded = True
         try:
             await conn.stream.send_all(data)
         except _STREAM_ERRORS:
             conn.close()
-            raise MeshError(502, "upstream connection lost while sending the request") from None
+            raise MeshError(502, "upstream connection lost while sending the request", "upstream_reset") from None
         # Failures are raised after the nursery has closed: raised inside it they would reach the caller
         # wrapped in an ExceptionGroup, which no handler of the exchange expects.
         failure: Exception | None = None
@@ -884,7 +1010,7 @@ class _Downstream:
             except _UpstreamLost as lost:
                 conn.close()
                 # If the request broke off first, that is the outcome.
-                failure = pump.error if pump.error is not None else MeshError(502, lost.reason)
+                failure = pump.error if pump.error is not None else MeshError(502, lost.reason, "upstream_reset")
             except Exception as exc:
                 failure = exc
             finally:
@@ -927,18 +1053,18 @@ class _Downstream:
                         reader.feed_eof()
                     except ProtocolError:
                         conn.close()
-                        raise MeshError(502, "upstream closed the connection mid-response") from None
+                        raise MeshError(502, "upstream closed the connection mid-response", "upstream_reset") from None
                     continue
                 received += len(data)
                 try:
                     reader.feed(data)
                 except ProtocolError as exc:
                     conn.close()
-                    raise MeshError(502, f"invalid response from upstream: {exc.reason}") from None
+                    raise MeshError(502, f"invalid response from upstream: {exc.reason}", "invalid_response") from None
                 continue
             if type(event) is not ResponseHead:
                 conn.close()
-                raise MeshError(502, "invalid response from upstream")
+                raise MeshError(502, "invalid response from upstream", "invalid_response")
             if event.informational:
                 if informational and not head.http10:
                     await self._send_informational(event)
@@ -959,7 +1085,9 @@ class _Downstream:
     ) -> bool:
         proxy = self.proxy
         headers = response.headers
-        keep_alive = head.keep_alive and not proxy.drain.draining and head.upgrade is None
+        keep_alive = head.keep_alive and not proxy.drain.draining
+        if head.upgrade is not None:  # the upstream declined the upgrade: what follows is the next request
+            self.pending = self.reader.resume() + self.pending
         chunked_out = False
         if response.content_length is not None:
             headers.append((b"content-length", b"%d" % response.content_length))
@@ -994,7 +1122,7 @@ class _Downstream:
                     await _read_more(reader, upstream)
                 except ProtocolError as exc:
                     conn.close()
-                    raise MeshError(502, exc.reason) from None
+                    raise MeshError(502, exc.reason, "upstream_reset") from None
                 continue
             if event is END:
                 if chunked_out:
@@ -1030,7 +1158,7 @@ class _Downstream:
                 self.upstream = None
                 conn.close()
                 return False
-        reusable = response.keep_alive and not response.until_close and ex.request_done and head.upgrade is None
+        reusable = response.keep_alive and not response.until_close and ex.request_done
         self.upstream = None
         self.proxy.cluster.release(conn, reusable=reusable)
         return True
@@ -1041,7 +1169,7 @@ class _Downstream:
         """After a 101, the two connections become one opaque byte stream; both close when it ends."""
         if head.upgrade is None:
             conn.close()
-            raise MeshError(502, "upstream switched protocols without an upgrade request")
+            raise MeshError(502, "upstream switched protocols without an upgrade request", "invalid_response")
         ex.response_started = True
         self.deadline = INF  # the splice keeps its own idle timeout
         downstream = self.stream
@@ -1115,6 +1243,32 @@ async def _read_more(reader: ResponseReader, upstream: Stream) -> None:
         reader.feed_eof()
 
 
+def _drain_error(ex: _Exchange) -> MeshError:
+    """The answer to an exchange the drain deadline cut before its response began."""
+    if ex.forwarded:
+        return MeshError(
+            503,
+            "draining: cut by the drain deadline before the upstream answered (the request may have run)",
+            "drain_cut",
+        )
+    return MeshError(503, "draining", "draining")
+
+
+class _IdleWake:
+    """What a connection registers with the drain while it waits for its next request: the drain wakes that wait
+    (ClosedResourceError) only if it is still waiting. A receive that has already returned bytes, even to a task
+    not yet resumed, is not interrupted, so a request that arrived is served, never dropped."""
+
+    __slots__ = ("deadline", "stream")
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.deadline = INF
+
+    def expire(self) -> None:
+        trio.lowlevel.notify_closing(self.stream.socket)
+
+
 class _TryFailed(Exception):
     """One try got no usable response: `error` is the answer if there is no other try; `reason` is a retry reason
     of mesh.retry; `never_ran` says the request provably never reached the upstream."""
@@ -1184,29 +1338,43 @@ class _BodyPump:
         chunked = self.head.chunked
         send_all = self.conn.stream.send_all
         ex = self.ex
+        down = self.downstream
+        idle = down.timeouts.idle
+        caller_deadline = ex.caller_deadline
         try:
             while True:
-                event = await self.downstream._body_event()
+                if down.waiting_for == _BODY:  # progress keeps the exchange alive until the body is through
+                    down.deadline = min(caller_deadline, trio.current_time() + idle)
+                event = await down._body_event()
                 if event is END:
                     self.body_read = True
-                    if chunked:
-                        await send_all(http1.last_chunk_bytes())
-                    break
-                if type(event) is Trailers:
+                    last = http1.last_chunk_bytes() if chunked else b""
+                elif type(event) is Trailers:
                     self.body_read = True
-                    self.downstream.reader.next_event()  # END
-                    await send_all(http1.last_chunk_bytes(event.headers))
+                    down.reader.next_event()  # END
+                    last = http1.last_chunk_bytes(event.headers)
+                else:
+                    ex.rx += len(event)
+                    last = None
+                ex.upstream_reading = True
+                if last is None:
+                    await send_all(http1.chunk_bytes(event) if chunked else event)
+                elif last:
+                    await send_all(last)
+                ex.upstream_reading = False
+                if last is not None:
                     break
-                ex.rx += len(event)
-                await send_all(http1.chunk_bytes(event) if chunked else event)
             ex.request_done = True
             self.finished = True
+            if down.waiting_for == _BODY:  # the body is through: now the request timeout runs
+                down.deadline = down._request_deadline(ex)
+                down.waiting_for = _REQUEST
         except (DownstreamGone, ProtocolError) as exc:
             self.error = exc
             self.conn.close()  # the upstream must not see a request that ended early as complete
         except _STREAM_ERRORS:
             # The upstream stopped reading (it may already be answering); the response decides the outcome.
-            self.error = MeshError(502, "upstream connection lost while sending the request body")
+            self.error = MeshError(502, "upstream connection lost while sending the request body", "upstream_reset")
         finally:
             self.done.set()
 

@@ -14,6 +14,7 @@ HTTP routes (all count towards GET /__stats, which itself is not counted):
   /close           answers, then closes the connection
   /stall           promises 10 bytes, sends 5, then sends nothing more (keeps the connection open)
   /hold?key=K      waits until /release?key=K (stats["held"][K]: arrived, stats["holding"][K]: waiting now)
+  /count?id=I&s=S  reads the body, records I in stats["counted"], waits S seconds (default 0), answers "counted I"
   /release?key=K   lets every /hold of K answer "released", now and later
 """
 
@@ -30,7 +31,7 @@ import h11
 import trio
 from websockets.sync.server import serve as ws_serve
 
-STATS = {"requests": 0, "connections": 0, "paths": [], "streamed": {}, "held": {}, "holding": {}}
+STATS = {"requests": 0, "connections": 0, "paths": [], "streamed": {}, "held": {}, "holding": {}, "counted": []}
 RELEASES: dict[str, trio.Event] = {}
 
 
@@ -165,6 +166,13 @@ async def route(stream, conn, req: h11.Request) -> bool:
         finally:
             STATS["holding"][key] -= 1
         await _respond(stream, conn, 200, b"released")
+        return True
+    if path == "/count":
+        await _drain_body(stream, conn)
+        STATS["counted"].append(query.get("id", ""))
+        if float(query.get("s", "0")):
+            await trio.sleep(float(query["s"]))
+        await _respond(stream, conn, 200, b"counted " + query.get("id", "").encode())
         return True
     if path == "/release":
         await _drain_body(stream, conn)
