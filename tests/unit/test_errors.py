@@ -1,7 +1,12 @@
-"""Mesh errors in gRPC's terms: status codes, grpc-message encoding and the trailers-only answer."""
+"""Mesh errors: reason codes, one instance per failure, and their gRPC form (status codes, grpc-message)."""
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
+import mesh
+from mesh import errors
 from mesh.errors import grpc_error_headers, grpc_message, grpc_status, is_grpc
 
 
@@ -33,3 +38,26 @@ def test_the_answer_carries_the_reason_twice() -> None:
     assert headers[b"grpc-status"] == b"4"
     assert headers[b"grpc-message"] == b"deadline expired before forwarding"
     assert headers[b"x-mesh-error"] == b"deadline expired before forwarding"
+
+
+def test_no_module_of_the_mesh_holds_an_exception_instance() -> None:
+    """A shared exception instance collects the traceback of every raise (and the frames and connections those
+    reference): each failure must raise an exception of its own."""
+    held = []
+    for path in sorted((Path(mesh.__file__).parent).glob("*.py")):
+        module = importlib.import_module(f"mesh.{path.stem}")
+        held += [f"{path.stem}.{name}" for name, value in vars(module).items() if isinstance(value, BaseException)]
+    assert held == []
+
+
+def test_error_factories_make_a_new_error_with_its_reason_code_each_time() -> None:
+    for factory, code in [
+        (errors.connect_timeout, "connect_timeout"),
+        (errors.request_timeout, "request_timeout"),
+        (errors.deadline_expired, "deadline_expired"),
+    ]:
+        first, second = factory(), factory()
+        assert first is not second
+        assert first.code == code and first.code in errors.REASON_CODES
+    assert errors.no_endpoints(resolved=True).code == "no_healthy_endpoints"
+    assert errors.MeshError(502, "free text naming spiffe://x/y", "not a code").code == "other"
