@@ -711,12 +711,17 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
 async def _main(directory: Path, bind: Address, limits: ServerLimits) -> None:
     log = structlog.get_logger("ca.server")
     drain = Drain()
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # SIGHUP's default action would end the CA with no drain; it has nothing to reload (it re-reads its directory
+    # when the files change), so it is logged and ignored.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def on_signals() -> None:
                 async for signum in signals:
                     name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        log.warning("SIGHUP ignored: the CA re-reads its directory when it changes; nothing to reload")
+                        continue
                     if drain.draining:
                         log.warning("second signal: stopping now", signal=name)
                         nursery.cancel_scope.cancel()
