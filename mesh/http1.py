@@ -373,10 +373,10 @@ class RequestReader(_Reader):
             expect_continue = not http10
         upgrade = None
         upgrades = framing.get(b"upgrade")
-        if upgrades and b"upgrade" in tokens and not http10:
+        if upgrades and b"upgrade" in tokens:
             offered = [t.strip() for v in upgrades for t in v.split(b",") if t.strip()]
             name = offered[0].split(b"/", 1)[0].lower() if len(offered) == 1 else b""
-            if name in self._upgrades and not chunked and not content_length:
+            if name in self._upgrades and not chunked and not content_length and not http10:
                 upgrade = offered[0]
             elif chunked:  # declined here: llhttp will still stop at the head, and must be made to go on
                 self._resume = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"

@@ -150,6 +150,60 @@ def test_upgrade_request_keeps_following_bytes() -> None:
     assert reader.upgraded_data == b"\x81\x00"
 
 
+DECLINED_UPGRADES = [
+    # (what the client sends, the request targets and bodies it must parse into)
+    (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n", []),
+    (
+        b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"Content-Length: 3\r\n\r\nabc",
+        [b"abc"],
+    ),
+    (
+        b"POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n",
+        [b"abc"],
+    ),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket, h2c\r\n\r\n", []),
+    (
+        b"POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nab",
+        [b"ab"],
+    ),
+    (b"GET / HTTP/1.0\r\nHost: a\r\nConnection: upgrade, keep-alive\r\nUpgrade: websocket\r\n\r\n", []),
+]
+
+
+@pytest.mark.parametrize(("raw", "body"), DECLINED_UPGRADES, ids=range(len(DECLINED_UPGRADES)))
+@pytest.mark.parametrize("split", [None, 7, 60])
+def test_an_upgrade_not_allowed_is_dropped_and_what_follows_is_parsed(
+    raw: bytes, body: list, split: int | None
+) -> None:
+    """h2c (never allowed), several protocols at once, an upgrade with a body and HTTP/1.0 are ordinary requests: no
+    Upgrade header, their bodies their own, and a pipelined request after them is read (llhttp stops at any
+    upgrade; the reader makes it go on)."""
+    data = raw + b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    reader = RequestReader()
+    for piece in [data] if split is None else [data[:split], data[split : 2 * split], data[2 * split :]]:
+        reader.feed(piece)
+    events = []
+    while (event := reader.next_event()) is not None:
+        events.append(event)
+    head, *rest = events
+    assert head.upgrade is None and not any(name == b"upgrade" for name, _ in head.headers)
+    assert b"".join(e for e in rest if isinstance(e, bytes)) == b"".join(body)
+    assert [e.target for e in rest if isinstance(e, RequestHead)] == [b"/next"]
+    assert reader.upgraded_data is None
+
+
+def test_an_upgrade_the_upstream_declines_resumes_the_connection() -> None:
+    reader = RequestReader()
+    reader.feed(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nGET /n HTTP/1.1\r\n")
+    assert reader.next_event().upgrade == b"websocket"
+    assert reader.next_event() is END
+    rest = reader.resume()  # no 101 came: the bytes after the request are HTTP/1.1 again
+    reader.feed(rest + b"Host: a\r\n\r\n")
+    assert reader.next_event().target == b"/n"
+
+
 def test_pipelined_requests_parse_in_order() -> None:
     events = parse_request(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
     assert [e.target for e in events if isinstance(e, RequestHead)] == [b"/1", b"/2"]
