@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import deque
 
-import structlog
 import trio
 from h2.errors import ErrorCodes
 
@@ -40,8 +39,6 @@ from mesh.proxy import (
 )
 from mesh.timers import INF
 from mesh.transport import Accepted
-
-log = structlog.get_logger("mesh.proxy")
 
 _MESH_PREFIX = b"x-mesh-"
 
@@ -136,14 +133,7 @@ class H2Downstream(SessionWriter):
         self.session.goaway(ErrorCodes.PROTOCOL_ERROR if block_open else ErrorCodes.NO_ERROR, reason)
         settings = self.proxy.settings
         self.proxy.metrics.error(settings.direction, settings.upstream, "header_timeout")
-        log.info(
-            "request rejected",
-            direction=settings.direction,
-            upstream=settings.upstream,
-            status=0,
-            reason=reason,
-            peer=self.peer_ip.decode(),
-        )
+        self.proxy.log_rejected(0, reason, self.peer_ip)
 
     async def _drain_watch(self) -> None:
         await self.proxy.drain.started.wait()
@@ -205,15 +195,7 @@ class H2Downstream(SessionWriter):
         else:
             proxy.metrics.request_unanswered(settings.direction, settings.upstream, event.cause)
         if event.headers is None:
-            log.info(
-                "request rejected",
-                direction=settings.direction,
-                upstream=settings.upstream,
-                status=event.status,
-                reason=event.reason,
-                peer=self.peer_ip.decode(),
-                stream=event.stream_id,
-            )
+            proxy.log_rejected(event.status, event.reason, self.peer_ip, stream=event.stream_id)
             return
         if not proxy.access_log.enabled:
             return

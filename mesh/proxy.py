@@ -110,6 +110,20 @@ class HttpProxy:
     def __repr__(self) -> str:
         return f"<HttpProxy {self.settings.direction} {self.settings.upstream} {self.cluster!r}>"
 
+    def log_rejected(self, status: int, reason: str, peer: bytes, **fields: object) -> None:
+        """The "request rejected" log line of a request refused before anything was forwarded (HTTP/1.1 and
+        HTTP/2 alike); `fields` add e.g. the HTTP/2 stream id."""
+        settings = self.settings
+        log.info(
+            "request rejected",
+            direction=settings.direction,
+            upstream=settings.upstream,
+            status=status,
+            reason=reason,
+            peer=peer.decode(),
+            **fields,
+        )
+
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serve one downstream connection until it closes; the listener closes `stream` afterwards."""
         accepted = await self.acceptor.accept(stream)
@@ -335,14 +349,7 @@ class _Downstream:
         settings = self.proxy.settings
         self.proxy.metrics.request_done(settings.direction, settings.upstream, exc.status, 0.0, 0, 0)
         self.proxy.metrics.error(settings.direction, settings.upstream, exc.code)
-        log.info(
-            "request rejected",
-            direction=settings.direction,
-            upstream=settings.upstream,
-            status=exc.status,
-            reason=exc.reason,
-            peer=self.peer_ip.decode(),
-        )
+        self.proxy.log_rejected(exc.status, exc.reason, self.peer_ip)
 
     # -- reading from downstream ---------------------------------------------------------------------------
     async def _next_head(self) -> RequestHead | None:
