@@ -5,9 +5,8 @@ from __future__ import annotations
 import trio
 
 from mesh.http2 import H2Session
+from mesh.stream import STREAM_ERRORS
 from mesh.transport import Stream
-
-STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)  # a transport that failed
 
 # Body bytes are handed to the session only while fewer than this many bytes of the connection are unwritten (queued
 # in the session or in the writer's current send). The peer's flow-control windows cannot bound memory: a peer may

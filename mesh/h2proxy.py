@@ -27,16 +27,15 @@ from mesh.http2 import (
     to_http1_headers,
 )
 from mesh.proxy import (
-    _STALL,
-    _STREAM_ERRORS,
     READ_SIZE,
+    BodyPump,
+    Downstream,
     DownstreamGone,
+    Exchange,
     HttpProxy,
-    _BodyPump,
-    _Downstream,
-    _Exchange,
-    _read_more,
+    read_more,
 )
+from mesh.stream import STREAM_ERRORS
 from mesh.timers import INF
 from mesh.transport import Accepted
 
@@ -110,7 +109,7 @@ class H2Downstream(SessionWriter):
             with trio.move_on_at(deadline) as scope:
                 try:
                     data = await self.stream.receive_some(READ_SIZE)
-                except _STREAM_ERRORS:
+                except STREAM_ERRORS:
                     data = b""
             if scope.cancelled_caught:
                 if not self._requested or block is not None:
@@ -307,8 +306,8 @@ class _H2Body:
         return None
 
 
-class _H2Stream(_Downstream):
-    """One HTTP/2 stream served by the HTTP/1.1 exchange of `_Downstream`; only reading the body and writing the
+class _H2Stream(Downstream):
+    """One HTTP/2 stream served by the HTTP/1.1 exchange of `Downstream`; only reading the body and writing the
     response differ. A stream that ends before any response (`gone`) is recorded by `_finish`: status 0, its
     reason in the access log's mesh_error and in mesh_requests_unanswered_total."""
 
@@ -408,7 +407,7 @@ class _H2Stream(_Downstream):
         ]
         return await self._respond(headers, body)
 
-    def _finish(self, head: RequestHead, ex: _Exchange, start: float) -> None:
+    def _finish(self, head: RequestHead, ex: Exchange, start: float) -> None:
         """Record the exchange; one whose stream ended before a response head was sent counts as unanswered."""
         if self.ended_as and not self.responded:  # the client got nothing: not a response of the mesh's either
             ex.status = 0
@@ -437,8 +436,8 @@ class _H2Stream(_Downstream):
         response: ResponseHead,
         reader: ResponseReader,
         conn: UpstreamConnection,
-        ex: _Exchange,
-        pump: _BodyPump | None,
+        ex: Exchange,
+        pump: BodyPump | None,
     ) -> bool:
         h2 = self.conn
         headers: Headers = [(b":status", b"%d" % response.status), *response.headers]
@@ -449,8 +448,7 @@ class _H2Stream(_Downstream):
             reader.next_event()  # END
         if self.ended or h2.session.closed:
             raise DownstreamGone(self.ended or _GONE["connection_lost"])
-        ex.response_started = True
-        self.waiting_for = _STALL
+        self._response_begins(ex)
         self.responded = True
         h2.session.send_headers(self.stream_id, headers, end_stream=complete)
         h2.flush()
@@ -463,7 +461,7 @@ class _H2Stream(_Downstream):
             if event is None:
                 self.deadline = trio.current_time() + idle
                 try:
-                    await _read_more(reader, upstream)
+                    await read_more(reader, upstream)
                 except ProtocolError as exc:
                     conn.close()
                     h2.session.reset(self.stream_id, ErrorCodes.INTERNAL_ERROR)  # a cut response is never complete

@@ -23,7 +23,7 @@ from h2.errors import ErrorCodes
 
 from mesh import http1
 from mesh.discovery import Endpoint
-from mesh.h2io import STREAM_ERRORS, WRITE_BUDGET, SessionWriter
+from mesh.h2io import WRITE_BUDGET, SessionWriter
 from mesh.http1 import END, ProtocolError, RequestHead, RequestReader
 from mesh.http2 import (
     ConnectionLost,
@@ -39,6 +39,7 @@ from mesh.http2 import (
     Trailers,
     WindowOpened,
 )
+from mesh.stream import STREAM_ERRORS
 from mesh.timers import INF
 from mesh.transport import Stream
 

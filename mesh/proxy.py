@@ -40,17 +40,15 @@ from mesh.listener import Drain
 from mesh.log import AccessLog
 from mesh.metrics import Metrics
 from mesh.retry import CONNECT_FAILURE, IDEMPOTENT, PER_TRY_TIMEOUT, RESET, STATUS, RetryPolicy, parse_retry_after
+from mesh.stream import STREAM_ERRORS
 from mesh.tcp import splice
 from mesh.timers import INF, Sweeper
 from mesh.transport import Accepted, Acceptor, PlainAccept, Stream
 
 log = structlog.get_logger("mesh.proxy")
 
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
 READ_SIZE = 65536
 _EMPTY_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
-_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 # What a connection is waiting for, which decides what happens when its deadline passes: the next request, the
 # rest of a request head, the response head (timeouts.request), more of a response body (timeouts.idle), progress
@@ -76,7 +74,10 @@ class HttpProxySettings:
 
 
 class HttpProxy:
-    """Serves HTTP/1.1 downstream connections by forwarding each request to an endpoint of `cluster`.
+    """What one HTTP listener forwards with: its settings, the cluster its requests go to, the acceptor of its
+    connections and the process-wide metrics, access log, drain and sweeper. Each request is forwarded to an
+    endpoint of `cluster` (mesh.httpserver serves the connections: `Downstream` for HTTP/1.1, H2Downstream's
+    streams for HTTP/2).
 
     Request and response bodies are streamed with backpressure; nothing is buffered whole (the first
     `limits.request_buffer` bytes of a body are read before the request is sent on). The request timeout
@@ -124,55 +125,6 @@ class HttpProxy:
             **fields,
         )
 
-    async def handle(self, stream: trio.SocketStream) -> None:
-        """Serve one downstream connection until it closes; the listener closes `stream` afterwards."""
-        accepted = await self.acceptor.accept(stream)
-        if accepted is None:
-            return  # refused at the TLS handshake; the acceptor logged why
-        initial = b""
-        http2 = False
-        # One request-header timeout from here covers protocol detection and, on HTTP/2, the first request head.
-        head_deadline = trio.current_time() + self.settings.timeouts.request_headers
-        if accepted.peer_identity is None:  # plaintext: the client may speak HTTP/2 with prior knowledge
-            initial = await self._first_bytes(accepted.stream, head_deadline)
-            if initial is None:
-                self.metrics.protocol_detected(self.settings.direction, self.settings.upstream, "none")
-                accepted.stream.close()
-                return
-            # A preface cut short (the deadline passed, or the client closed) is HTTP/2's to answer.
-            http2 = initial.startswith(H2_PREFACE) or H2_PREFACE.startswith(initial)
-        else:  # TLS: ALPN decided
-            http2 = accepted.stream.selected_alpn_protocol() == "h2"  # type: ignore[union-attr]
-        self.metrics.protocol_detected(self.settings.direction, self.settings.upstream, "http2" if http2 else "http1")
-        self.metrics.connection_opened(self.settings.direction, self.settings.upstream)
-        try:
-            if http2:
-                from mesh.h2proxy import H2Downstream
-
-                await H2Downstream(self, accepted, initial, head_deadline).serve()
-                return
-            await _Downstream(self, accepted, initial).serve()
-        finally:
-            accepted.stream.close()
-            self.metrics.connection_closed(self.settings.direction, self.settings.upstream)
-
-    async def _first_bytes(self, stream: trio.abc.Stream, deadline: float) -> bytes | None:
-        """The client's first bytes, enough to tell the HTTP/2 preface from HTTP/1.1 (or part of the preface, if
-        `deadline` passed first); None if it sent nothing by `deadline` or closed."""
-        data = b""
-        with trio.move_on_at(deadline):
-            try:
-                while True:
-                    chunk = await stream.receive_some(READ_SIZE)
-                    if not chunk:
-                        return data or None
-                    data += chunk
-                    if len(data) >= len(H2_PREFACE) or not H2_PREFACE.startswith(data):
-                        return data
-            except _STREAM_ERRORS:
-                return None
-        return data or None
-
 
 def h2_limits(limits: Limits) -> H2Limits:
     """A listener's HTTP/2 limits from its configuration: `limits.http2`, and the header limits of HTTP/1.1."""
@@ -188,7 +140,7 @@ def h2_limits(limits: Limits) -> H2Limits:
     )
 
 
-class _Exchange:
+class Exchange:
     """Book-keeping for one request: what was sent and received, for the access log and the reuse decision."""
 
     __slots__ = (
@@ -223,7 +175,7 @@ class _Exchange:
         self.status = 0
 
 
-class _Downstream:
+class Downstream:
     """One downstream connection: a loop of request → response exchanges."""
 
     __slots__ = (
@@ -253,7 +205,7 @@ class _Downstream:
         self.deadline = INF
         self.waiting_for = _IDLE
         self.timer = trio.CancelScope()
-        self.exchange: tuple[RequestHead, _Exchange, float] | None = None
+        self.exchange: tuple[RequestHead, Exchange, float] | None = None
         self.upstream: UpstreamConnection | None = None
         self.timeouts = proxy.settings.timeouts
         self.limits = limits = proxy.settings.limits
@@ -331,12 +283,18 @@ class _Downstream:
             await self._send_mesh_error(error.status, error.reason, head, ex)
         self._finish(head, ex, start)
 
+    def _response_begins(self, ex: Exchange) -> None:
+        """The response (the upstream's or the mesh's own) is going downstream: from now on a stall of
+        timeouts.idle ends the exchange, and nothing else may answer the request."""
+        ex.response_started = True
+        self.waiting_for = _STALL
+
     def _client_left(self) -> bool:
         """The client ended the exchange itself (HTTP/2: it reset the stream); an HTTP/1.1 client that leaves is
         seen as DownstreamGone instead."""
         return False
 
-    def _body_stalled(self, ex: _Exchange) -> MeshError:
+    def _body_stalled(self, ex: Exchange) -> MeshError:
         """The error for a request body that made no progress for timeouts.idle (or outlived the caller's
         deadline while it streamed)."""
         if trio.current_time() >= ex.caller_deadline:
@@ -378,7 +336,7 @@ class _Downstream:
                     data, self.pending = self.pending, b""
                 else:
                     data = await self.stream.receive_some(READ_SIZE)
-            except _STREAM_ERRORS:
+            except STREAM_ERRORS:
                 return None
             finally:
                 drain.busy(waker)
@@ -399,7 +357,7 @@ class _Downstream:
         while event is None:
             try:
                 data = await self.stream.receive_some(READ_SIZE)
-            except _STREAM_ERRORS:
+            except STREAM_ERRORS:
                 raise DownstreamGone("client connection lost mid-request") from None
             if not data:
                 raise DownstreamGone("client closed mid-request")
@@ -407,7 +365,7 @@ class _Downstream:
             event = reader.next_event()
         return event
 
-    def _available_body(self, head: RequestHead, ex: _Exchange) -> tuple[list[bytes], bool]:
+    def _available_body(self, head: RequestHead, ex: Exchange) -> tuple[list[bytes], bool]:
         """Request body already parsed, framed for the upstream; True if that is the whole body."""
         if not head.has_body:
             if self.reader.next_event() is END:
@@ -435,7 +393,7 @@ class _Downstream:
     async def _exchange(self, head: RequestHead) -> bool:
         """Forward one request and its response; True if the downstream connection stays open."""
         start = trio.current_time()
-        ex = _Exchange()
+        ex = Exchange()
         self.exchange = (head, ex, start)
         keep_alive = False
         drain = self.proxy.drain
@@ -458,7 +416,7 @@ class _Downstream:
         except DownstreamGone as exc:
             ex.mesh_error = str(exc)
             ex.error_code = "client_gone"
-        except _STREAM_ERRORS:
+        except STREAM_ERRORS:
             if not ex.mesh_error:
                 ex.mesh_error = "downstream connection lost"
                 ex.error_code = "client_gone"
@@ -470,7 +428,7 @@ class _Downstream:
         self._finish(head, ex, start)
         return keep_alive
 
-    def _finish(self, head: RequestHead, ex: _Exchange, start: float) -> None:
+    def _finish(self, head: RequestHead, ex: Exchange, start: float) -> None:
         """Record one exchange's outcome: metrics and the access-log event."""
         self.exchange = None
         proxy = self.proxy
@@ -497,7 +455,7 @@ class _Downstream:
             request_id=ex.request_id.decode("latin-1"),
         )
 
-    def _upstream_headers(self, head: RequestHead, ex: _Exchange) -> tuple[list[tuple[bytes, bytes]], int]:
+    def _upstream_headers(self, head: RequestHead, ex: Exchange) -> tuple[list[tuple[bytes, bytes]], int]:
         """The request's headers for the upstream, and the index of its `grpc-timeout` (-1 if none)."""
         headers = head.headers
         xff = proto = rid = xfcc = False
@@ -562,7 +520,7 @@ class _Downstream:
             raise deadline_expired()
         return start + timeout
 
-    def _request_deadline(self, ex: _Exchange) -> float:
+    def _request_deadline(self, ex: Exchange) -> float:
         """The deadline once the request body has been forwarded (or read whole): timeouts.request from now,
         never later than the caller's deadline."""
         timeout = self.timeouts.request
@@ -570,7 +528,7 @@ class _Downstream:
             return ex.caller_deadline
         return min(ex.caller_deadline, trio.current_time() + timeout)
 
-    async def _forward(self, head: RequestHead, ex: _Exchange, start: float) -> bool:
+    async def _forward(self, head: RequestHead, ex: Exchange, start: float) -> bool:
         proxy = self.proxy
         if not self.accepted.allowed:
             raise MeshError(403, f"caller {self.accepted.peer_identity} denied: {self.accepted.rule}", "denied")
@@ -588,7 +546,7 @@ class _Downstream:
         finally:
             cluster.breaker.request_done()
 
-    async def _prebuffer(self, head: RequestHead, ex: _Exchange) -> tuple[list[bytes], bool]:
+    async def _prebuffer(self, head: RequestHead, ex: Exchange) -> tuple[list[bytes], bool]:
         """The request body framed for the upstream as far as it is read before the first try, and True if that
         is all of it: the whole of a small body that a retry may send again, else at most `limits.request_buffer`
         bytes. Nothing more is read for a request that waits for 100 Continue, an upgrade, or gRPC (whose streams
@@ -627,7 +585,7 @@ class _Downstream:
         headers: list[tuple[bytes, bytes]],
         grpc_timeout: int,
         deadline: float,
-        ex: _Exchange,
+        ex: Exchange,
         now: float,
     ) -> bytes:
         """One try's request head: the deadline headers carry what is left of the budget at this moment (for a
@@ -651,7 +609,7 @@ class _Downstream:
     async def _tries(
         self,
         head: RequestHead,
-        ex: _Exchange,
+        ex: Exchange,
         headers: list[tuple[bytes, bytes]],
         grpc_timeout: int,
         body: list[bytes],
@@ -770,7 +728,7 @@ class _Downstream:
         data: bytes,
         first: Endpoint,
         hedge_after: float,
-        ex: _Exchange,
+        ex: Exchange,
         hash_key: bytes | None,
         headers: list[tuple[bytes, bytes]],
         grpc_timeout: int,
@@ -796,7 +754,7 @@ class _Downstream:
                 ex.forwarded = True
                 try:
                     await one.conn.stream.send_all(data)
-                except _STREAM_ERRORS:
+                except STREAM_ERRORS:
                     raise _UpstreamLost("upstream connection lost while sending the request", 0) from None
                 one.response, one.reader = await self._response_head(head, one.conn, one.ex, informational=False)
                 winner = one
@@ -862,7 +820,7 @@ class _Downstream:
             return None
         if second.key == first.key:
             return None
-        hedge = _Hedge(second, _Exchange(), trio.current_time())
+        hedge = _Hedge(second, Exchange(), trio.current_time())
         hedge.ex.endpoint = str(second)
         try:
             hedge.data = self._request_bytes(head, headers, grpc_timeout, deadline, hedge.ex, hedge.sent_at) + body
@@ -903,7 +861,7 @@ class _Downstream:
             return None
         return pause
 
-    async def _buffer_body(self, head: RequestHead, ex: _Exchange, body: list[bytes], want: float) -> bool:
+    async def _buffer_body(self, head: RequestHead, ex: Exchange, body: list[bytes], want: float) -> bool:
         """Read more of the request body into `body` (framed for the upstream) until it ends or `want` bytes are
         here; True if it ended. Each piece must come within timeouts.idle (and the caller's deadline)."""
         chunked = head.chunked
@@ -937,7 +895,7 @@ class _Downstream:
             raise _TryFailed(exc, CONNECT_FAILURE, never_ran=True) from None
 
     async def _per_try(
-        self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: _Exchange, deadline: float, retry: RetryPolicy
+        self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: Exchange, deadline: float, retry: RetryPolicy
     ) -> tuple[UpstreamConnection, ResponseHead, ResponseReader]:
         """`_send_for_head` within the per-try timeout; its expiry is a failed try (`per_try_timeout`)."""
         with trio.CancelScope(deadline=min(deadline, trio.current_time() + retry.per_try_timeout)) as scope:
@@ -952,7 +910,7 @@ class _Downstream:
         raise _TryFailed(MeshError(504, "upstream per-try timeout", "per_try_timeout"), PER_TRY_TIMEOUT)
 
     async def _send_for_head(
-        self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: _Exchange
+        self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: Exchange
     ) -> tuple[UpstreamConnection, ResponseHead, ResponseReader]:
         # A pooled connection may have been closed by the upstream in the instant before our write. Such a
         # request is sent once more on a new connection when it is idempotent (Go's and httpcore's rule).
@@ -970,7 +928,7 @@ class _Downstream:
             try:
                 try:
                     await conn.stream.send_all(data)
-                except _STREAM_ERRORS:
+                except STREAM_ERRORS:
                     raise _UpstreamLost("upstream connection lost while sending the request", 0) from None
                 response, reader = await self._response_head(head, conn, ex)
                 return conn, response, reader
@@ -984,7 +942,7 @@ class _Downstream:
                 replayed = True
                 log.debug("retrying on a new connection", upstream=self.proxy.cluster.name, endpoint=ex.endpoint)
 
-    async def _streaming_try(self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: _Exchange) -> bool:
+    async def _streaming_try(self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: Exchange) -> bool:
         """Send a request whose body is still arriving, streaming the rest as the response comes back."""
         http1 = head.upgrade is not None
         conn = self.proxy.cluster.take_idle(endpoint, http1=http1)
@@ -994,12 +952,12 @@ class _Downstream:
         self.upstream = conn
         return await self._send_streaming(head, data, conn, ex)
 
-    async def _send_streaming(self, head: RequestHead, data: bytes, conn: UpstreamConnection, ex: _Exchange) -> bool:
-        pump = _BodyPump(self, head, conn, ex)
+    async def _send_streaming(self, head: RequestHead, data: bytes, conn: UpstreamConnection, ex: Exchange) -> bool:
+        pump = BodyPump(self, head, conn, ex)
         ex.forwarded = True
         try:
             await conn.stream.send_all(data)
-        except _STREAM_ERRORS:
+        except STREAM_ERRORS:
             conn.close()
             raise MeshError(502, "upstream connection lost while sending the request", "upstream_reset") from None
         # Failures are raised after the nursery has closed: raised inside it they would reach the caller
@@ -1029,7 +987,7 @@ class _Downstream:
         return keep_alive and ex.request_done
 
     async def _response_head(
-        self, head: RequestHead, conn: UpstreamConnection, ex: _Exchange, *, informational: bool = True
+        self, head: RequestHead, conn: UpstreamConnection, ex: Exchange, *, informational: bool = True
     ) -> tuple[ResponseHead, ResponseReader]:
         """Read up to the final response head, passing 1xx heads downstream (if `informational`: a hedged try
         must not write downstream while another try may); _UpstreamLost if nothing came."""
@@ -1051,7 +1009,7 @@ class _Downstream:
             if event is None:
                 try:
                     data = await upstream.receive_some(READ_SIZE)
-                except _STREAM_ERRORS:
+                except STREAM_ERRORS:
                     data = b""
                 if not data:
                     if received == 0:
@@ -1087,8 +1045,8 @@ class _Downstream:
         response: ResponseHead,
         reader: ResponseReader,
         conn: UpstreamConnection,
-        ex: _Exchange,
-        pump: _BodyPump | None,
+        ex: Exchange,
+        pump: BodyPump | None,
     ) -> bool:
         proxy = self.proxy
         headers = response.headers
@@ -1115,8 +1073,7 @@ class _Downstream:
         complete = not response.has_body
         if complete:
             reader.next_event()  # END
-        ex.response_started = True
-        self.waiting_for = _STALL
+        self._response_begins(ex)
         while not complete:
             event = reader.next_event()
             if event is None:
@@ -1126,7 +1083,7 @@ class _Downstream:
                     out = []
                 self.deadline = trio.current_time() + idle
                 try:
-                    await _read_more(reader, upstream)
+                    await read_more(reader, upstream)
                 except ProtocolError as exc:
                     conn.close()
                     raise MeshError(502, exc.reason, "upstream_reset") from None
@@ -1150,7 +1107,7 @@ class _Downstream:
         return keep_alive and ex.request_done
 
     async def _hand_back(
-        self, head: RequestHead, response: ResponseHead, conn: UpstreamConnection, ex: _Exchange, pump: _BodyPump | None
+        self, head: RequestHead, response: ResponseHead, conn: UpstreamConnection, ex: Exchange, pump: BodyPump | None
     ) -> bool:
         """After a complete response: return the upstream connection to the pool if the exchange left it clean,
         else close it. False if the upstream answered before the request body ended (the client must not reuse
@@ -1171,7 +1128,7 @@ class _Downstream:
         return True
 
     async def _upgraded(
-        self, head: RequestHead, response: ResponseHead, reader: ResponseReader, conn: UpstreamConnection, ex: _Exchange
+        self, head: RequestHead, response: ResponseHead, reader: ResponseReader, conn: UpstreamConnection, ex: Exchange
     ) -> bool:
         """After a 101, the two connections become one opaque byte stream; both close when it ends."""
         if head.upgrade is None:
@@ -1195,14 +1152,13 @@ class _Downstream:
         return False
 
     # -- answering errors ----------------------------------------------------------------------------------
-    async def _send_mesh_error(self, status: int, reason: str, head: RequestHead, ex: _Exchange) -> bool:
+    async def _send_mesh_error(self, status: int, reason: str, head: RequestHead, ex: Exchange) -> bool:
         """Answer a mesh error; the connection stays open only if the request body was read entirely."""
         if not ex.request_done and not head.has_body and head.upgrade is None:
             ex.request_done = self.reader.next_event() is END
         keep_alive = head.keep_alive and ex.request_done and not self.proxy.drain.draining
         ex.status = status
-        ex.response_started = True  # whatever happens next, this request has had its one answer
-        self.waiting_for = _STALL
+        self._response_begins(ex)  # whatever happens next, this request has had its one answer
         self.deadline = trio.current_time() + self.timeouts.idle
         grpc = is_grpc(head.headers)
         return await self._send_error(status, reason, close=not keep_alive, grpc=grpc) and keep_alive
@@ -1219,7 +1175,7 @@ class _Downstream:
         session.goaway(ErrorCodes.HTTP_1_1_REQUIRED, reason)
         try:
             await self.stream.send_all(data + session.data_to_send())
-        except _STREAM_ERRORS:
+        except STREAM_ERRORS:
             pass
 
     async def _send_error(self, status: int, reason: str, *, close: bool, grpc: bool = False) -> bool:
@@ -1232,17 +1188,17 @@ class _Downstream:
             response = http1.simple_response(status, f"{reason}\n".encode(), headers, close=close)
         try:
             await self.stream.send_all(response)
-        except _STREAM_ERRORS:
+        except STREAM_ERRORS:
             return False
         return True
 
 
-async def _read_more(reader: ResponseReader, upstream: Stream) -> None:
+async def read_more(reader: ResponseReader, upstream: Stream) -> None:
     """Feed the next piece of an upstream response into `reader`; a failed read is an EOF (ProtocolError if the
     response was not complete)."""
     try:
         data = await upstream.receive_some(READ_SIZE)
-    except _STREAM_ERRORS:
+    except STREAM_ERRORS:
         data = b""
     if data:
         reader.feed(data)
@@ -1250,7 +1206,7 @@ async def _read_more(reader: ResponseReader, upstream: Stream) -> None:
         reader.feed_eof()
 
 
-def _drain_error(ex: _Exchange) -> MeshError:
+def _drain_error(ex: Exchange) -> MeshError:
     """The answer to an exchange the drain deadline cut before its response began."""
     if ex.forwarded:
         return MeshError(
@@ -1299,7 +1255,7 @@ class _Hedge:
 
     __slots__ = ("conn", "data", "endpoint", "ex", "failed", "failure", "reader", "response", "sent_at")
 
-    def __init__(self, endpoint: Endpoint, ex: _Exchange, sent_at: float) -> None:
+    def __init__(self, endpoint: Endpoint, ex: Exchange, sent_at: float) -> None:
         self.endpoint = endpoint
         self.ex = ex
         self.sent_at = sent_at
@@ -1324,14 +1280,14 @@ class _UpstreamLost(Exception):
         self.response_bytes = response_bytes
 
 
-class _BodyPump:
+class BodyPump:
     """Copies the rest of a streaming request body from downstream to the upstream, in its own task.
 
     It never raises: a failure is kept in `error` and ends the pump, which the exchange then inspects."""
 
     __slots__ = ("body_read", "conn", "done", "downstream", "error", "ex", "finished", "head")
 
-    def __init__(self, downstream: _Downstream, head: RequestHead, conn: UpstreamConnection, ex: _Exchange) -> None:
+    def __init__(self, downstream: Downstream, head: RequestHead, conn: UpstreamConnection, ex: Exchange) -> None:
         self.downstream = downstream
         self.head = head
         self.conn = conn
@@ -1379,7 +1335,7 @@ class _BodyPump:
         except (DownstreamGone, ProtocolError) as exc:
             self.error = exc
             self.conn.close()  # the upstream must not see a request that ended early as complete
-        except _STREAM_ERRORS:
+        except STREAM_ERRORS:
             # The upstream stopped reading (it may already be answering); the response decides the outcome.
             self.error = MeshError(502, "upstream connection lost while sending the request body", "upstream_reset")
         finally:

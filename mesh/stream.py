@@ -9,6 +9,9 @@ import socket
 
 import trio
 
+# What a failed transport raises (the peer reset or closed it, or it was closed under us).
+STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
 # After this many sends in a row that completed without waiting, yield to the scheduler once, so a
 # connection whose peer never fills the kernel buffers cannot hold the event loop.
 YIELD_EVERY = 2

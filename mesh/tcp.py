@@ -8,11 +8,10 @@ from mesh.cluster import Cluster
 from mesh.errors import MeshError
 from mesh.log import AccessLog
 from mesh.metrics import Metrics
+from mesh.stream import STREAM_ERRORS
 from mesh.transport import Acceptor, PlainAccept
 
 _READ_SIZE = 65536
-
-_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 async def splice(
@@ -37,7 +36,7 @@ async def splice(
                     await dst.send_all(data)
                     counts[slot] += len(data)
                 await dst.send_eof()
-            except _STREAM_ERRORS:
+            except STREAM_ERRORS:
                 idle.cancel()  # a reset (or a peer gone) ends the whole splice
 
         async with trio.open_nursery() as nursery:

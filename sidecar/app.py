@@ -26,6 +26,7 @@ from mesh.config import (
 )
 from mesh.consul import ConsulAgent, ConsulDiscovery
 from mesh.discovery import Discovery, Endpoint, EndpointSet, discovery_from_settings
+from mesh.httpserver import HttpServer
 from mesh.identity import identity_source
 from mesh.listener import Drain, open_listeners, serve_tcp
 from mesh.metrics import Metrics
@@ -167,7 +168,7 @@ class Sidecar:
                 acceptor=acceptor,
             ).handle
         else:
-            handler = HttpProxy(
+            proxy = HttpProxy(
                 HttpProxySettings(
                     direction,
                     cluster.name,
@@ -182,7 +183,8 @@ class Sidecar:
                 drain=self.drain,
                 sweeper=self.sweeper,
                 acceptor=acceptor,
-            ).handle
+            )
+            handler = HttpServer(proxy).handle
         self.listeners.append((name, setting, bind, handler, settings.limits.max_connections))
 
     def _own_identity(self) -> str:

@@ -1,4 +1,4 @@
-"""HTTP/2 downstream connections through `HttpProxy.handle` over in-memory streams, on trio's autojump clock: the
+"""HTTP/2 downstream connections through `HttpServer.handle` over in-memory streams, on trio's autojump clock: the
 request-head timeout, and what is recorded for streams that end without a response.
 
 The client writes raw frames (hyperframe and hpack), as a hostile one would. Requests are answered without any
@@ -26,6 +26,7 @@ from hyperframe.frame import (
 )
 
 from mesh.config import Http2Settings, Limits, Timeouts
+from mesh.httpserver import HttpServer
 from mesh.listener import Drain
 from mesh.log import AccessLog
 from mesh.metrics import Metrics
@@ -132,7 +133,7 @@ class Client:
 
 
 class Served:
-    """One downstream connection served by `HttpProxy.handle` in the test's nursery."""
+    """One downstream connection served by `HttpServer.handle` in the test's nursery."""
 
     def __init__(self, proxy: HttpProxy, client: Client, access: Recorder) -> None:
         self.proxy = proxy
@@ -174,7 +175,7 @@ async def serve(nursery: trio.Nursery, *, tls: bool = False, max_concurrent_stre
     served = Served(proxy, Client(client_end), access)
 
     nursery.start_soon(sweeper.run)
-    nursery.start_soon(proxy.handle, None)
+    nursery.start_soon(HttpServer(proxy).handle, None)
     nursery.start_soon(served.client.read_until_closed)
     return served
 

@@ -13,10 +13,11 @@ import trio
 from mesh.cluster import Cluster, UpstreamConnection
 from mesh.config import BalancerSettings, Limits, PoolSettings, Timeouts
 from mesh.discovery import Endpoint, EndpointSet
+from mesh.httpserver import HttpServer
 from mesh.listener import Drain
 from mesh.log import AccessLog
 from mesh.metrics import Metrics
-from mesh.proxy import HttpProxy, HttpProxySettings, _Downstream, _Exchange
+from mesh.proxy import Downstream, Exchange, HttpProxy, HttpProxySettings
 from mesh.timers import Sweeper
 from mesh.watch import Watch
 
@@ -59,7 +60,7 @@ async def run_requests(proxy: HttpProxy, request: bytes, expect: bytes) -> None:
     async with trio.open_nursery() as nursery:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = listeners[0].socket.getsockname()[1]
-        nursery.start_soon(trio.serve_listeners, proxy.handle, listeners)
+        nursery.start_soon(trio.serve_listeners, HttpServer(proxy).handle, listeners)
         for _ in range(REQUESTS // BATCH):
             client = await trio.open_tcp_stream("127.0.0.1", port)
             async with client:
@@ -100,9 +101,9 @@ async def test_ten_thousand_mesh_errors_leave_no_proxy_objects_alive(code: str) 
     if endpoints == "refused":
         endpoints = EndpointSet((Endpoint("127.0.0.1", closed_port()),), updated_at=time.time(), source="static")
     proxy, metrics = proxy_for(endpoints)
-    before = {kind: live(kind) for kind in (_Downstream, _Exchange, UpstreamConnection)}
+    before = {kind: live(kind) for kind in (Downstream, Exchange, UpstreamConnection)}
     await run_requests(proxy, request, expect)
-    after = {kind: live(kind) for kind in (_Downstream, _Exchange, UpstreamConnection)}
+    after = {kind: live(kind) for kind in (Downstream, Exchange, UpstreamConnection)}
     assert after == before  # each failure raised its own exception: no shared traceback holds their frames
     errors = [
         line

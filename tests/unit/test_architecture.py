@@ -57,3 +57,43 @@ def test_every_module_has_a_one_line_docstring() -> None:
             if not doc or not doc.splitlines()[0].strip():
                 missing.append(str(path.relative_to(ROOT)))
     assert missing == []
+
+
+def mesh_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of every `from mesh.<module> import names` in a file, at any depth (lazy imports too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mesh.") and node.level == 0:
+            found.append((node.module.removeprefix("mesh."), [alias.name for alias in node.names]))
+    return found
+
+
+def test_mesh_modules_take_only_public_names_from_each_other() -> None:
+    """A module that another one needs offers it publicly; reaching for a private name hides a seam."""
+    private = [
+        f"{path.stem} takes {module}.{name}"
+        for path in modules("mesh")
+        for module, names in mesh_imports(path)
+        for name in names
+        if name.startswith("_")
+    ]
+    assert private == []
+
+
+def test_mesh_modules_import_each_other_without_a_cycle() -> None:
+    """Imports inside functions count: a lazy import only hides a cycle from the interpreter."""
+    graph = {path.stem: {module for module, _ in mesh_imports(path)} for path in modules("mesh")}
+    cycles = []
+
+    def visit(module: str, trail: list[str]) -> None:
+        for target in sorted(graph.get(module, ())):
+            if target in trail:
+                cycles.append(" -> ".join([*trail[trail.index(target) :], target]))
+            elif target not in seen:
+                seen.add(target)
+                visit(target, [*trail, target])
+
+    for start in sorted(graph):
+        seen = {start}
+        visit(start, [start])
+    assert cycles == []
