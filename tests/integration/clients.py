@@ -142,3 +142,14 @@ def header_of(raw: bytes, name: str) -> str | None:
 
 def backend_stats(port: int) -> dict:
     return request(port, "GET", "/__stats").json()  # type: ignore[return-value]
+
+
+def closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    """True once the server has closed `sock` (EOF or reset); waits up to `timeout` seconds for it."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False

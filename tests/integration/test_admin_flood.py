@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from .clients import status_of
+from .clients import closed_by_server, status_of
 from .conftest import free_port, sidecar_config
 
 FLOOD = 300
@@ -21,17 +21,6 @@ def probe(port: int, path: str) -> tuple[int, float]:
         while piece := sock.recv(65536):
             data += piece
     return status_of(data), time.monotonic() - start
-
-
-def closed_by_server(sock: socket.socket) -> bool:
-    """True once the server has closed `sock` (EOF or reset); waits up to PROBE_TIMEOUT for it."""
-    sock.settimeout(PROBE_TIMEOUT)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 def test_live_and_ready_answer_under_a_flood_of_slow_connections(mesh) -> None:
@@ -52,7 +41,7 @@ def test_live_and_ready_answer_under_a_flood_of_slow_connections(mesh) -> None:
         assert [status for status, _ in answers] == [200] * 20
         assert max(seconds for _, seconds in answers) < 1.0, answers
         # room was made by closing the connections that had waited longest; the newest still wait
-        assert closed_by_server(flood[0])
+        assert closed_by_server(flood[0], PROBE_TIMEOUT)
         flood[-1].setblocking(False)
         try:
             assert flood[-1].recv(1) == b"unreachable: the newest slow connection is still open"

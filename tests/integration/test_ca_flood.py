@@ -13,6 +13,7 @@ import pytest
 
 from ca.authority import CertificateAuthority
 
+from .clients import closed_by_server
 from .conftest import Process, free_port
 
 FETCH_TIMEOUT = 2.0
@@ -70,16 +71,6 @@ def idle_connections(port: int, count: int) -> list[socket.socket]:
     return flood
 
 
-def closed_by_server(sock: socket.socket) -> bool:
-    sock.settimeout(FETCH_TIMEOUT)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-
-
 def test_the_bundle_is_served_while_hundreds_of_connections_sit_idle(serve: list[Process], ca_dir: Path) -> None:
     port = start(serve, ca_dir)
     bundle = CertificateAuthority.load(ca_dir).bundle_pem()
@@ -100,7 +91,7 @@ def test_a_full_server_closes_the_connection_that_waited_longest(serve: list[Pro
     try:
         body, seconds = fetch_bundle(port, bundle)
         assert body == bundle and seconds < 1.0
-        assert closed_by_server(flood[0])
+        assert closed_by_server(flood[0], FETCH_TIMEOUT)
         flood[-1].setblocking(False)
         with pytest.raises(BlockingIOError):  # the newest is still waiting for its handshake
             flood[-1].recv(1)
