@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import select
 from functools import partial
 from typing import Any
 
@@ -21,6 +20,7 @@ from mesh.config import (
 )
 from mesh.discovery import Endpoint, EndpointSet
 from mesh.errors import MeshError, connect_timeout, no_endpoints
+from mesh.h1upstream import UpstreamConnection
 from mesh.h2upstream import UPSTREAM_LIMITS, H2Connection, H2Exchange, H2Pool
 from mesh.health import HealthTracker, run_health_checks
 from mesh.http2 import H2Limits
@@ -33,51 +33,15 @@ from mesh.timers import INF
 from mesh.transport import Stream, UpstreamTls, secure
 from mesh.watch import Watch
 
+# The upstream end of one exchange: an HTTP/1.1 connection or a stream of an HTTP/2 one; both speak the neutral
+# exchange (send_request, send_body, send_end, next_event, read_more, close).
+Upstream = UpstreamConnection | H2Exchange
+
 _HASH_POLICIES = frozenset({"ring_hash", "maglev"})
 
 # How a cluster speaks HTTP to its endpoints: "http1" only; "auto": HTTP/2 where TLS's ALPN agrees (else
 # HTTP/1.1); "http2": HTTP/2 always (with prior knowledge on plaintext).
 PROTOCOLS = ("http1", "auto", "http2")
-
-
-class UpstreamConnection:
-    """One transport connection to an endpoint, owned by whoever holds it (the pool while idle)."""
-
-    __slots__ = ("_poller", "breaker", "endpoint", "fd", "reader", "requests", "stream")
-
-    multiplexed = False  # an HTTP/2 stream (H2Exchange) is never pooled
-
-    def __init__(self, stream: Stream, endpoint: Endpoint, breaker: CircuitBreaker) -> None:
-        self.stream = stream
-        self.endpoint = endpoint
-        self.breaker: CircuitBreaker | None = breaker  # None once closed, so a second close counts nothing
-        self.fd = stream.socket.fileno()
-        self.requests = 0
-        self.reader: Any = None  # the response parser, kept across keep-alive exchanges by the protocol code
-        self._poller: Any = None  # select.poll for idle_and_open, made on first use
-
-    def __repr__(self) -> str:
-        return f"<UpstreamConnection {self.endpoint} fd={self.fd} requests={self.requests}>"
-
-    def close(self) -> None:
-        """Close at once, without a TLS or HTTP goodbye (the connection carries no request)."""
-        self.stream.close()
-        if self.breaker is not None:
-            self.breaker.connection_closed()
-            self.breaker = None
-
-    def idle_and_open(self) -> bool:
-        """False if the upstream closed the connection (or sent unsolicited bytes) while it sat idle."""
-        # A poll object kept per connection: one poll(2) of one fd (0.7 µs here); select.select builds fd sets
-        # as large as the highest fd on every call (1.9 µs at fd 1000).
-        poller = self._poller
-        try:
-            if poller is None:
-                poller = self._poller = select.poll()
-                poller.register(self.fd, select.POLLIN)
-            return not poller.poll(0)  # readable, hung up, in error or not a valid fd any more: not reusable
-        except (OSError, ValueError):
-            return False
 
 
 class Cluster:
@@ -207,7 +171,7 @@ class Cluster:
         if judged and self.outlier is not None:
             self.outlier.record(endpoint, ok)
 
-    def take_idle(self, endpoint: Endpoint, *, http1: bool = False) -> UpstreamConnection | H2Exchange | None:
+    def take_idle(self, endpoint: Endpoint, *, http1: bool = False) -> Upstream | None:
         """A connection ready for one request: a new stream on an HTTP/2 connection with room, or an idle
         HTTP/1.1 connection (only those when `http1`: upgrades); None if there is neither."""
         if self.h2 is not None and not http1:
@@ -224,9 +188,7 @@ class Cluster:
             self.metrics.upstream_conn(self.name, "reused")
         return conn
 
-    async def connect(
-        self, endpoint: Endpoint, *, timeout: float | None, http1: bool = False
-    ) -> UpstreamConnection | H2Exchange:
+    async def connect(self, endpoint: Endpoint, *, timeout: float | None, http1: bool = False) -> Upstream:
         """Open a new connection (HTTP/1.1 only if `http1`); MeshError 502, or 504 after `timeout` (None: the
         caller bounds the time). To an endpoint that speaks HTTP/2 the result is a stream of a new connection,
         or of one that another request is opening at the same time."""
@@ -257,9 +219,7 @@ class Cluster:
                 del h2.connecting[key]
                 opening.set()
 
-    async def _open(
-        self, endpoint: Endpoint, timeout: float | None, h2: H2Pool | None
-    ) -> UpstreamConnection | H2Exchange:
+    async def _open(self, endpoint: Endpoint, timeout: float | None, h2: H2Pool | None) -> Upstream:
         limit = self.breaker.admit_connection()
         if limit is not None:
             raise MeshError(503, f"circuit open ({limit})", "circuit_open")
@@ -296,7 +256,13 @@ class Cluster:
                 h2.speaks_h2.add(endpoint.key)
                 return self._start_h2(stream, endpoint, h2)
             h2.speaks_h2.discard(endpoint.key)
-        return UpstreamConnection(stream, endpoint, self.breaker)
+        return UpstreamConnection(
+            stream,
+            endpoint,
+            self.breaker,
+            max_header_bytes=self.h2_limits.max_header_list_size,
+            max_header_count=self.h2_limits.max_header_count,
+        )
 
     def _start_h2(self, stream: Stream, endpoint: Endpoint, h2: H2Pool) -> H2Exchange:
         breaker = self.breaker
@@ -320,7 +286,7 @@ class Cluster:
             trio.lowlevel.spawn_system_task(conn.run)
         return conn.open()
 
-    def release(self, conn: UpstreamConnection | H2Exchange, *, reusable: bool) -> None:
+    def release(self, conn: Upstream, *, reusable: bool) -> None:
         if not reusable or conn.multiplexed:
             conn.close()
             return

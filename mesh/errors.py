@@ -52,6 +52,16 @@ class MeshError(Exception):
         self.code = code if code in REASON_CODES else "other"
 
 
+class UpstreamLost(Exception):
+    """The upstream connection (or HTTP/2 stream) ended before any byte of the response arrived. The request may
+    have run, unless `never_ran` (an HTTP/2 REFUSED_STREAM, or no stream was available to send it on)."""
+
+    def __init__(self, reason: str, *, never_ran: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.never_ran = never_ran
+
+
 def no_endpoints(resolved: bool) -> MeshError:
     if not resolved:
         return MeshError(503, "discovery unavailable", "discovery_unavailable")

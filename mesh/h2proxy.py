@@ -7,11 +7,11 @@ from collections import deque
 import trio
 from h2.errors import ErrorCodes
 
-from mesh import http1
-from mesh.cluster import UpstreamConnection
-from mesh.errors import grpc_error_headers
+from mesh import message
+from mesh.cluster import Upstream
+from mesh.errors import UpstreamLost, grpc_error_headers
 from mesh.h2io import WRITE_BUDGET, SessionWriter
-from mesh.http1 import END, ProtocolError, RequestHead, ResponseHead, ResponseReader
+from mesh.http1 import ProtocolError
 from mesh.http2 import (
     ConnectionLost,
     Data,
@@ -26,6 +26,7 @@ from mesh.http2 import (
     WindowOpened,
     to_http1_headers,
 )
+from mesh.message import END, RequestHead, ResponseHead
 from mesh.proxy import (
     READ_SIZE,
     BodyPump,
@@ -33,7 +34,6 @@ from mesh.proxy import (
     DownstreamGone,
     Exchange,
     HttpProxy,
-    read_more,
 )
 from mesh.stream import STREAM_ERRORS
 from mesh.timers import INF
@@ -274,11 +274,10 @@ class _H2Body:
     Flow-control credit goes back to the client as the exchange takes each piece (it then writes it upstream
     before taking the next), so a slow upstream slows the client end to end."""
 
-    __slots__ = ("arrived", "chunked", "events", "owner", "upgraded_data")
+    __slots__ = ("arrived", "events", "owner", "upgraded_data")
 
-    def __init__(self, owner: H2Downstream, chunked: bool) -> None:
+    def __init__(self, owner: H2Downstream) -> None:
         self.owner = owner
-        self.chunked = chunked
         self.events: deque[object] = deque()
         self.arrived = trio.Event()
         self.upgraded_data = None
@@ -298,9 +297,7 @@ class _H2Body:
                     return event.data
                 continue
             if kind is Trailers:
-                if self.chunked:
-                    return http1.Trailers(list(event.headers))
-                continue  # a Content-Length body cannot carry trailers on HTTP/1.1
+                return message.Trailers(list(event.headers))
             if kind is StreamEnd:
                 return END
         return None
@@ -326,10 +323,10 @@ class _H2Stream(Downstream):
         self.cancel = trio.CancelScope()  # one scope per stream (each costs microseconds): reset, loss, timeout
         self.expired = False  # … and this tells a timeout (the sweeper's `expire`) from the others
         self.exchange = None
-        self.upstream: UpstreamConnection | None = None
+        self.upstream: Upstream | None = None
         self.timeouts = proxy.settings.timeouts
         self.limits = proxy.settings.limits
-        self.body = _H2Body(conn, head.chunked)
+        self.body = _H2Body(conn)
         self.reader = self.body  # what the exchange reads the request body from
         self.peer_ip = conn.peer_ip
         self.ended = ""  # why the stream can no longer be answered (a mesh_error), once it cannot
@@ -431,13 +428,7 @@ class _H2Stream(Downstream):
         return True
 
     async def _stream_response(
-        self,
-        head: RequestHead,
-        response: ResponseHead,
-        reader: ResponseReader,
-        conn: UpstreamConnection,
-        ex: Exchange,
-        pump: BodyPump | None,
+        self, head: RequestHead, response: ResponseHead, conn: Upstream, ex: Exchange, pump: BodyPump | None
     ) -> bool:
         h2 = self.conn
         headers: Headers = [(b":status", b"%d" % response.status), *response.headers]
@@ -445,24 +436,23 @@ class _H2Stream(Downstream):
             headers.append((b"content-length", b"%d" % response.content_length))
         complete = not response.has_body
         if complete:
-            reader.next_event()  # END
+            conn.next_event()  # END
         if self.ended or h2.session.closed:
             raise DownstreamGone(self.ended or _GONE["connection_lost"])
         self._response_begins(ex)
         self.responded = True
         h2.session.send_headers(self.stream_id, headers, end_stream=complete)
         h2.flush()
-        upstream = conn.stream
         idle = self.timeouts.idle
         event = None
         while not complete:
             if event is None:
-                event = reader.next_event()
+                event = conn.next_event()
             if event is None:
                 self.deadline = trio.current_time() + idle
                 try:
-                    await read_more(reader, upstream)
-                except ProtocolError as exc:
+                    await conn.read_more()
+                except (ProtocolError, UpstreamLost) as exc:
                     conn.close()
                     h2.session.reset(self.stream_id, ErrorCodes.INTERNAL_ERROR)  # a cut response is never complete
                     h2.flush()
@@ -471,15 +461,15 @@ class _H2Stream(Downstream):
             if event is END:
                 await h2.send(self.stream_id, b"", True)
                 complete = True
-            elif type(event) is http1.Trailers:
+            elif type(event) is message.Trailers:
                 h2.session.send_trailers(self.stream_id, list(event.headers))
                 h2.flush()
-                reader.next_event()  # END follows trailers
+                conn.next_event()  # END follows trailers
                 complete = True
             else:
                 ex.tx += len(event)
                 self.deadline = trio.current_time() + idle
-                following = reader.next_event()  # END already read: the last DATA frame carries END_STREAM
+                following = conn.next_event()  # END already read: the last DATA frame carries END_STREAM
                 await h2.send(self.stream_id, event, following is END)
                 complete = following is END
                 event = following

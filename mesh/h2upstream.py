@@ -1,13 +1,11 @@
 """HTTP/2 upstream connections: requests multiplexed as streams over one connection per endpoint.
 
-The HTTP proxy speaks HTTP/1.1 to its upstreams: it writes a request head and body as HTTP/1.1 bytes and parses
-the response with the HTTP/1.1 reader. An `H2Exchange` is the upstream "connection" of one such request on an
-HTTP/2 connection: it reads the request bytes it is given (the mesh's own, already validated serialisation) and
-sends them as HEADERS, DATA and trailers, and it presents the HTTP/2 response as an HTTP/1.1 response (chunked,
-with trailers), so that retries, hedging, deadlines and the response path need no second implementation. Flow
-control is end to end: the response's receive window is given back only as the proxy takes the bytes, and a
-request body is sent only within the peer's window and while the connection's unwritten bytes are within the
-write budget (mesh.h2io), however large a window the peer opened.
+Each request is an `H2Exchange`: a stream that speaks the protocol-neutral exchange (mesh.message) directly, as
+an HTTP/1.1 upstream connection does (mesh.h1upstream), so that retries, hedging, deadlines and the response
+path need no second implementation and no HTTP/1.1 bytes pass in between. Flow control is end to end: the
+response's receive window is given back only as the proxy takes the bytes, and a request body is sent only within
+the peer's window and while the connection's unwritten bytes are within the write budget (mesh.h2io), however
+large a window the peer opened.
 """
 
 from __future__ import annotations
@@ -21,10 +19,11 @@ import structlog
 import trio
 from h2.errors import ErrorCodes
 
-from mesh import http1
+from mesh import message
 from mesh.discovery import Endpoint
+from mesh.errors import UpstreamLost
 from mesh.h2io import WRITE_BUDGET, SessionWriter
-from mesh.http1 import END, ProtocolError, RequestHead, RequestReader
+from mesh.http1 import ProtocolError
 from mesh.http2 import (
     ConnectionLost,
     Data,
@@ -39,6 +38,7 @@ from mesh.http2 import (
     Trailers,
     WindowOpened,
 )
+from mesh.message import RequestHead
 from mesh.stream import STREAM_ERRORS
 from mesh.timers import INF
 from mesh.transport import Stream
@@ -46,6 +46,7 @@ from mesh.transport import Stream
 log = structlog.get_logger("mesh.h2upstream")
 
 _GRPC = b"application/grpc"
+_EMPTY_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _READ_SIZE = 65536
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
@@ -226,18 +227,18 @@ class H2Connection(SessionWriter):
 
 
 class H2Exchange:
-    """One request on an `H2Connection`, presented to the proxy as an HTTP/1.1 upstream connection: `send_all`
-    takes HTTP/1.1 request bytes, `receive_some` gives HTTP/1.1 response bytes. Never pooled: `close()` ends it,
-    resetting the stream (CANCEL) if either direction is unfinished."""
+    """One request on an `H2Connection`, in the neutral exchange's terms (as mesh.h1upstream.UpstreamConnection):
+    `send_request`, `send_body` and `send_end` send HEADERS, DATA and trailers; `next_event` and `read_more`
+    give the response as a ResponseHead, body bytes, Trailers and END. Flow-control credit for response bytes
+    goes back to the peer once the proxy has taken them. Never pooled: `close()` ends it, resetting the stream
+    (CANCEL) if either direction is unfinished."""
 
     __slots__ = (
         "_arrived",
-        "_chunked",
+        "_credit",
         "_delivered",
-        "_eof",
+        "_events",
         "_head_only",
-        "_parser",
-        "_pending",
         "_reserved",
         "breaker",
         "conn",
@@ -245,10 +246,8 @@ class H2Exchange:
         "error",
         "error_code",
         "local_ended",
-        "reader",
         "remote_ended",
         "requests",
-        "stream",
         "stream_id",
     )
 
@@ -256,56 +255,60 @@ class H2Exchange:
 
     def __init__(self, conn: H2Connection) -> None:
         self.conn = conn
-        self.stream = self  # the proxy sends and receives through `stream`, as on an HTTP/1.1 connection
         self.endpoint = conn.endpoint
         self.breaker = None  # the connection, not each stream, counts against the circuit breaker
         self.requests = 0
-        self.reader = None
         self.stream_id = 0
         self.error: str | None = None
         self.error_code: int | None = None
         self.local_ended = False
         self.remote_ended = False
-        self._parser: RequestReader | None = RequestReader(max_header_bytes=1 << 20, max_header_count=100_000)
-        self._pending: deque[tuple[bytes, int]] = deque()  # response bytes for the proxy, and their window
+        self._events: deque[tuple[object, int]] = deque()  # response events for the proxy, and their window
+        self._credit = 0  # window of events taken, not yet given back
         self._arrived = trio.Event()
-        self._eof = False
-        self._delivered = 0
-        self._head_only = False
-        self._chunked = False
+        self._delivered = False  # an event of the response went to the proxy
+        self._head_only = False  # the request is a HEAD
         self._reserved = True  # counted in conn.reserved until the head is sent or the exchange closes
 
     def __repr__(self) -> str:
         return f"<H2Exchange {self.endpoint} stream={self.stream_id}>"
 
-    # -- the request: HTTP/1.1 bytes in, frames out ------------------------------------------------------------
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    # -- the request ---------------------------------------------------------------------------------------------
+    async def send_request(
+        self, head: RequestHead, headers: Headers, body: list[bytes], end: bool, trailers: Headers | None = None
+    ) -> None:
+        """Send the request head with `headers` (end-to-end ones, plus the mesh's), the body pieces given and, if
+        `end`, the end of the body (with `trailers`)."""
+        pieces = [piece for piece in body if piece]
+        bodyless = not head.has_body or (end and not pieces and not trailers)
+        self._send_head(head, headers, bodyless)
+        if bodyless:
+            return
+        conn = self.conn
+        last = len(pieces) - 1
+        for i, piece in enumerate(pieces):
+            await conn.send(self, piece, end and not trailers and i == last)
+        if end and (trailers or not pieces):
+            await self.send_end(trailers)
+
+    async def send_body(self, data: bytes) -> None:
+        """Send one more piece of the request body."""
+        if data:
+            await self.conn.send(self, data, False)
+
+    async def send_end(self, trailers: Headers | None = None) -> None:
+        """End the request body, with trailers if given."""
+        if self.local_ended:
+            return
+        if not trailers:
+            await self.conn.send(self, b"", True)
+            return
         if self.error is not None:
             raise trio.BrokenResourceError(self.error)
-        parser = self._parser
-        if parser is None:
-            raise trio.ClosedResourceError("the request was already sent")
-        try:
-            parser.feed(bytes(data))
-        except ProtocolError as exc:
-            raise trio.BrokenResourceError(f"request not expressible in HTTP/2: {exc.reason}") from None
         conn = self.conn
-        while (event := parser.next_event()) is not None:
-            if type(event) is RequestHead:
-                self._send_head(event)
-            elif event is END:
-                self._parser = None
-                if not self.local_ended:
-                    await conn.send(self, b"", True)
-            elif type(event) is http1.Trailers:
-                if self.error is not None:
-                    raise trio.BrokenResourceError(self.error)
-                self._parser = None
-                conn.session.send_trailers(self.stream_id, list(event.headers))
-                self.local_ended = True
-                conn.flush()
-            else:
-                await conn.send(self, event, False)
+        conn.session.send_trailers(self.stream_id, list(trailers))
+        self.local_ended = True
+        conn.flush()
 
     def _unreserve(self) -> None:
         """Give back the stream this exchange reserved on its connection (once)."""
@@ -314,16 +317,18 @@ class H2Exchange:
             self.conn.reserved -= 1
             self.conn._maybe_done()
 
-    def _send_head(self, head: RequestHead) -> None:
+    def _send_head(self, head: RequestHead, fields: Headers, end: bool) -> None:
         conn = self.conn
         session = conn.session
         self._unreserve()
+        if self.error is not None:
+            raise trio.BrokenResourceError(self.error)
         if head.upgrade is not None:
             raise trio.BrokenResourceError("an upgrade cannot be sent over HTTP/2")
         if session.stream_capacity <= 0 or conn.closed:
             self.error = "no stream available on the upstream connection"
             self.error_code = ErrorCodes.REFUSED_STREAM  # nothing was sent
-            raise trio.BrokenResourceError(self.error)
+            raise UpstreamLost(self.error, never_ran=True)
         authority = head.authority or str(self.endpoint).encode()
         headers: Headers = [
             (b":method", head.method),
@@ -332,18 +337,18 @@ class H2Exchange:
             (b":path", head.target),
         ]
         grpc = False
-        for name, value in head.headers:
+        for name, value in fields:
             if name == b"host":
                 continue
             if name == b"content-type" and value.startswith(_GRPC):
                 grpc = True
             headers.append((name, value))
-        headers += head.mesh_headers
         if grpc:
             headers.append((b"te", b"trailers"))  # gRPC servers require it (RFC 9113 8.2.2 allows only this value)
         if head.content_length is not None:
             headers.append((b"content-length", b"%d" % head.content_length))
-        end = not head.has_body
+        elif not head.has_body and head.method in _EMPTY_BODY_METHODS:
+            headers.append((b"content-length", b"0"))
         self._head_only = head.method == b"HEAD"
         self.stream_id = stream_id = session.next_stream_id()
         try:
@@ -354,48 +359,59 @@ class H2Exchange:
         conn.streams[stream_id] = self
         if end:
             self.local_ended = True
-            self._parser = None
         conn.flush()
 
-    # -- the response: events in, HTTP/1.1 bytes out ---------------------------------------------------------
+    # -- the response: session events in, neutral events out -------------------------------------------------
     def on_head(self, headers: Headers, informational: bool, end_stream: bool) -> None:
+        head_only = self._head_only
         status = int(headers[0][1])  # validated by the session: the only pseudo-header, and first
         fields = headers[1:]
-        line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
-        if informational or self._head_only:
-            self._push(line + http1.serialize_headers(fields) + b"\r\n", 0)
-            return
-        if end_stream:
-            fields = [(n, v) for n, v in fields if n != b"content-length"]
-            if status not in (204, 304):
-                fields.append((b"content-length", b"0"))
-        elif not any(n == b"content-length" for n, _ in fields) and status not in (204, 304):
-            fields.append((b"transfer-encoding", b"chunked"))
-            self._chunked = True
-        self._push(line + http1.serialize_headers(fields) + b"\r\n", 0)
+        content_length = None
+        if informational or head_only or status == 304:
+            has_body = False  # a Content-Length here describes another body: passed on as a header
+        else:
+            length = None
+            kept: Headers = []
+            for name, value in fields:
+                if name == b"content-length":
+                    length = value
+                else:
+                    kept.append((name, value))
+            fields = kept
+            if status == 204:
+                has_body = False
+            elif end_stream:
+                has_body = False
+                content_length = 0
+            else:
+                content_length = int(length) if length is not None else None  # validated by the session
+                has_body = content_length != 0
+        response = message.ResponseHead(
+            status=status,
+            reason=_REASONS.get(status, b""),
+            headers=fields,
+            keep_alive=True,
+            chunked=has_body and content_length is None,
+            content_length=content_length,
+            until_close=False,
+            has_body=has_body,
+            informational=informational,
+            upgrade=False,
+        )
+        self._push(response, 0)
 
     def on_data(self, event: Data) -> None:
-        data = event.data
-        if not data:
+        if event.data and not self._head_only:  # a response to HEAD has no body, whatever the peer sends
+            self._push(event.data, event.flow_controlled_length)
+        else:
             self.conn.session.acknowledge(self.stream_id, event.flow_controlled_length)
-            return
-        if self._chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        self._push(data, event.flow_controlled_length)
 
     def on_trailers(self, headers: Headers) -> None:
-        if self._chunked:
-            self._push(http1.last_chunk_bytes(headers), 0)
-            self._chunked = False
-        # A Content-Length response cannot carry trailers on HTTP/1.1: they are dropped.
+        self._push(message.Trailers(list(headers)), 0)
 
     def on_end(self) -> None:
-        if self._chunked:
-            self._push(http1.last_chunk_bytes(), 0)
-            self._chunked = False
         self.remote_ended = True
-        self._eof = True
-        self._arrived.set()
+        self._push(message.END, 0)
         if self.local_ended:
             self._forget()
 
@@ -407,35 +423,33 @@ class H2Exchange:
         self.conn.streams.pop(self.stream_id, None)
         self.conn._maybe_done()
 
-    def _push(self, data: bytes, window: int) -> None:
-        self._pending.append((data, window))
+    def _push(self, event: object, window: int) -> None:
+        self._events.append((event, window))
         self._arrived.set()
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        while True:
-            pending = self._pending
-            if pending:
-                if len(pending) == 1:
-                    data, window = pending.popleft()
-                else:
-                    parts = []
-                    window = 0
-                    while pending:
-                        piece, credit = pending.popleft()
-                        parts.append(piece)
-                        window += credit
-                    data = b"".join(parts)
-                if window and self.error is None:
-                    self.conn.session.acknowledge(self.stream_id, window)
-                    self.conn.flush()
-                self._delivered += len(data)
-                return data
-            if self._eof:
-                return b""
+    def next_event(self) -> object | None:
+        """The next response event already received, or None (after giving back the credit of those taken)."""
+        events = self._events
+        if events:
+            event, window = events.popleft()
+            self._credit += window
+            self._delivered = True
+            return event
+        if self._credit:
+            if self.error is None and not self.remote_ended:
+                self.conn.session.acknowledge(self.stream_id, self._credit)
+                self.conn.flush()
+            self._credit = 0
+        return None
+
+    async def read_more(self) -> None:
+        """Wait for more of the response: UpstreamLost if the stream failed before any of it arrived,
+        ProtocolError (`upstream_reset`) if it failed part way."""
+        while not self._events:
             if self.error is not None:
                 if not self._delivered:
-                    raise trio.BrokenResourceError(self.error)
-                return b""  # a cut response: the HTTP/1.1 reader sees it end early
+                    raise UpstreamLost(self.error, never_ran=self.error_code == ErrorCodes.REFUSED_STREAM)
+                raise ProtocolError(502, self.error, "upstream_reset")
             self._arrived = trio.Event()
             await self._arrived.wait()
 
@@ -443,17 +457,16 @@ class H2Exchange:
     def close(self) -> None:
         conn = self.conn
         if self.stream_id == 0:
-            self._parser = None
             self._unreserve()
             return
         if self.error is None and not (self.local_ended and self.remote_ended):
-            window = sum(credit for _, credit in self._pending)
+            window = self._credit + sum(credit for _, credit in self._events)
             if window:
                 conn.session.acknowledge(self.stream_id, window)
             conn.session.reset(self.stream_id, ErrorCodes.CANCEL)
             self.error = "closed"
             conn.flush()
-        self._pending.clear()
+        self._events.clear()
         self._forget()
 
     def _forget(self) -> None:

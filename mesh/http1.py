@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 import httptools
+
+from mesh.message import END, RequestHead, ResponseHead, Trailers
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus the framing headers we always recompute ourselves.
 HOP_BY_HOP = frozenset(
@@ -57,57 +58,6 @@ class ProtocolError(Exception):
 
 class Http2Preface(ProtocolError):
     """The client opened with the HTTP/2 connection preface (prior knowledge) on an HTTP/1.1 listener."""
-
-
-@dataclass(slots=True)
-class RequestHead:
-    """A validated request head. `headers` are the end-to-end headers (lower-case names, hop-by-hop and
-    `x-mesh-*` removed); `mesh_headers` holds the `x-mesh-*` headers that arrived."""
-
-    method: bytes
-    target: bytes
-    http10: bool
-    headers: list[tuple[bytes, bytes]]
-    mesh_headers: list[tuple[bytes, bytes]]
-    keep_alive: bool
-    has_body: bool
-    chunked: bool
-    content_length: int | None
-    expect_continue: bool
-    upgrade: bytes | None
-    authority: bytes
-
-
-@dataclass(slots=True)
-class ResponseHead:
-    """A validated response head; `headers` as in RequestHead. `informational` marks a 1xx (other than 101)."""
-
-    status: int
-    reason: bytes
-    headers: list[tuple[bytes, bytes]]
-    keep_alive: bool
-    chunked: bool
-    content_length: int | None
-    until_close: bool  # body ends when the upstream closes the connection
-    has_body: bool
-    informational: bool
-    upgrade: bool  # a 101 Switching Protocols: the connection becomes an opaque byte stream
-
-
-@dataclass(frozen=True, slots=True)
-class Trailers:
-    """Trailer fields that followed a chunked body."""
-
-    headers: list[tuple[bytes, bytes]]
-
-
-class EndOfMessage:
-    """The message is complete."""
-
-    __slots__ = ()
-
-
-END = EndOfMessage()
 
 
 _NO_TOKENS: frozenset[bytes] = frozenset()

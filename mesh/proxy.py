@@ -12,7 +12,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from mesh import http1
-from mesh.cluster import Cluster, UpstreamConnection
+from mesh.cluster import Cluster, Upstream
 from mesh.config import HashOn, Limits, Timeouts
 from mesh.deadline import (
     DEADLINE_HEADER,
@@ -23,7 +23,8 @@ from mesh.deadline import (
     parse_grpc_timeout,
 )
 from mesh.discovery import Endpoint
-from mesh.errors import MeshError, deadline_expired, grpc_error_headers, is_grpc, request_timeout
+from mesh.errors import MeshError, UpstreamLost, deadline_expired, grpc_error_headers, is_grpc, request_timeout
+from mesh.h1upstream import UpstreamConnection
 from mesh.http1 import (
     DEFAULT_UPGRADES,
     END,
@@ -32,7 +33,6 @@ from mesh.http1 import (
     RequestHead,
     RequestReader,
     ResponseHead,
-    ResponseReader,
     Trailers,
 )
 from mesh.http2 import H2Limits, H2Session
@@ -155,6 +155,7 @@ class Exchange:
         "response_started",
         "rx",
         "status",
+        "trailers",
         "tx",
         "upstream_reading",
     )
@@ -173,6 +174,7 @@ class Exchange:
         self.rx = 0
         self.tx = 0
         self.status = 0
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # of a request body read whole
 
 
 class Downstream:
@@ -366,27 +368,24 @@ class Downstream:
         return event
 
     def _available_body(self, head: RequestHead, ex: Exchange) -> tuple[list[bytes], bool]:
-        """Request body already parsed, framed for the upstream; True if that is the whole body."""
+        """Request body already received (raw pieces; trailers go to `ex.trailers`); True if that is all of it."""
         if not head.has_body:
             if self.reader.next_event() is END:
                 ex.request_done = True
             return [], ex.request_done
-        chunked = head.chunked
         out: list[bytes] = []
         reader = self.reader
         while (event := reader.next_event()) is not None:
             if event is END:
-                if chunked:
-                    out.append(http1.last_chunk_bytes())
                 ex.request_done = True
                 return out, True
             if type(event) is Trailers:
-                out.append(http1.last_chunk_bytes(event.headers))
+                ex.trailers = event.headers
                 reader.next_event()  # END follows trailers
                 ex.request_done = True
                 return out, True
             ex.rx += len(event)
-            out.append(http1.chunk_bytes(event) if chunked else event)
+            out.append(event)
         return out, False
 
     # -- one exchange --------------------------------------------------------------------------------------
@@ -456,7 +455,8 @@ class Downstream:
         )
 
     def _upstream_headers(self, head: RequestHead, ex: Exchange) -> tuple[list[tuple[bytes, bytes]], int]:
-        """The request's headers for the upstream, and the index of its `grpc-timeout` (-1 if none)."""
+        """The request's end-to-end headers for the upstream (the upstream codec adds its framing), and the index
+        of its `grpc-timeout` (-1 if none)."""
         headers = head.headers
         xff = proto = rid = xfcc = False
         grpc_timeout = -1
@@ -493,17 +493,6 @@ class Downstream:
             if inbound:  # Envoy's SANITIZE_SET: what the app sees describes the certificate this hop verified
                 value = b"By=%s;Hash=%s;URI=%s" % (self.proxy.settings.identity, accepted.cert_hash.encode(), peer)
                 headers.append((b"x-forwarded-client-cert", value))
-        if head.chunked:
-            headers.append((b"transfer-encoding", b"chunked"))
-        elif head.content_length is not None:
-            headers.append((b"content-length", b"%d" % head.content_length))
-        elif head.method in _EMPTY_BODY_METHODS:
-            headers.append((b"content-length", b"0"))
-        if head.expect_continue:
-            headers.append((b"expect", b"100-continue"))
-        if head.upgrade is not None:
-            headers.append((b"connection", b"upgrade"))
-            headers.append((b"upgrade", head.upgrade))
         return headers, grpc_timeout
 
     def _caller_deadline(self, head: RequestHead, start: float, grpc_timeout: int) -> float:
@@ -579,17 +568,12 @@ class Downstream:
                         return part[len(prefix) :]
         return None
 
-    def _request_bytes(
-        self,
-        head: RequestHead,
-        headers: list[tuple[bytes, bytes]],
-        grpc_timeout: int,
-        deadline: float,
-        ex: Exchange,
-        now: float,
-    ) -> bytes:
-        """One try's request head: the deadline headers carry what is left of the budget at this moment (for a
-        body still streaming, only the caller's deadline: the request timeout has not started)."""
+    def _try_headers(
+        self, headers: list[tuple[bytes, bytes]], grpc_timeout: int, deadline: float, now: float
+    ) -> list[tuple[bytes, bytes]]:
+        """One try's headers (`headers`, changed in place): the deadline headers carry what is left of the budget
+        at this moment (for a body still streaming, only the caller's deadline: the request timeout has not
+        started). MeshError if nothing is left."""
         if deadline != INF:
             left = deadline - now
             if left <= 0:
@@ -602,9 +586,7 @@ class Downstream:
                     headers.append(value)
             if grpc_timeout >= 0:
                 headers[grpc_timeout] = (GRPC_TIMEOUT, format_grpc_timeout(left))
-        if not head.authority:  # HTTP/1.0 without Host: the upstream hop is HTTP/1.1, which requires one
-            return http1.request_head_bytes(head.method, head.target, [*headers, (b"host", ex.endpoint.encode())])
-        return http1.request_head_bytes(head.method, head.target, headers)
+        return headers
 
     async def _tries(
         self,
@@ -626,13 +608,12 @@ class Downstream:
             deadline = ex.caller_deadline
             self.deadline = min(deadline, trio.current_time() + self.timeouts.idle)
             self.waiting_for = _BODY
-        body_bytes = b"".join(body) if body else b""
         # A body can be sent again only if all of it is here; an upgrade is never repeated.
         resendable = body_complete and head.upgrade is None
         if retry is not None:
             resendable = (
                 resendable
-                and len(body_bytes) <= retry.max_body_bytes
+                and sum(map(len, body)) <= retry.max_body_bytes
                 and (retry.all_methods or head.method in IDEMPOTENT)
             )
         now = trio.current_time()
@@ -652,21 +633,21 @@ class Downstream:
             ex.endpoint = str(endpoint)
             ex.status = 0
             ex.head_at = 0.0
-            data = self._request_bytes(head, headers, grpc_timeout, deadline, ex, now) + body_bytes
+            self._try_headers(headers, grpc_timeout, deadline, now)
             cluster.started(endpoint)
             sent_at = now
             judged = True
             try:
                 if not body_complete:
-                    return await self._streaming_try(head, data, endpoint, ex)
+                    return await self._streaming_try(head, headers, body, endpoint, ex)
                 if hedge_after is not None and not tried:
-                    conn, response, reader, endpoint, sent_at = await self._race(
-                        head, data, endpoint, hedge_after, ex, hash_key, headers, grpc_timeout, deadline, body_bytes
+                    conn, response, endpoint, sent_at = await self._race(
+                        head, headers, body, endpoint, hedge_after, ex, hash_key, grpc_timeout, deadline
                     )
                 elif retry is None or not retry.per_try_timeout:
-                    conn, response, reader = await self._send_for_head(head, data, endpoint, ex)
+                    conn, response = await self._send_for_head(head, headers, body, endpoint, ex)
                 else:
-                    conn, response, reader = await self._per_try(head, data, endpoint, ex, deadline, retry)
+                    conn, response = await self._per_try(head, headers, body, endpoint, ex, deadline, retry)
                 if retry is not None and response.status in retry.statuses and resendable:
                     pause = self._retry_pause(retry, STATUS, head, len(tried), deadline, response)
                     if pause is not None:
@@ -675,8 +656,8 @@ class Downstream:
                         retry.count(f"status_{response.status}")
                         raise _TryFailed(MeshError(response.status, ""), STATUS)
                 if response.upgrade:
-                    return await self._upgraded(head, response, reader, conn, ex)
-                return await self._stream_response(head, response, reader, conn, ex, None)
+                    return await self._upgraded(head, response, conn, ex)
+                return await self._stream_response(head, response, conn, ex, None)
             except _TryFailed as exc:
                 failed = exc
                 if exc.reason != STATUS:
@@ -725,16 +706,15 @@ class Downstream:
     async def _race(
         self,
         head: RequestHead,
-        data: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: list[bytes],
         first: Endpoint,
         hedge_after: float,
         ex: Exchange,
         hash_key: bytes | None,
-        headers: list[tuple[bytes, bytes]],
         grpc_timeout: int,
         deadline: float,
-        body: bytes,
-    ) -> tuple[UpstreamConnection, ResponseHead, ResponseReader, Endpoint, float]:
+    ) -> tuple[Upstream, ResponseHead, Endpoint, float]:
         """A hedged try: to `first` now and, if it has not answered after `hedge_after` seconds, the same request
         to another endpoint (paid from the retry budget). The first response head wins; the other try is
         cancelled and its connection closed; a failed try lets the other one finish. Returns the winner's
@@ -743,23 +723,23 @@ class Downstream:
         cluster = self.proxy.cluster
         hedges = cluster.hedges
         assert hedges is not None
-        tries = [_Hedge(first, ex, trio.current_time())]
+        tries = [_Hedge(first, ex, trio.current_time(), list(headers))]
         winner: _Hedge | None = None
 
-        async def attempt(one: _Hedge, data: bytes, nursery: trio.Nursery) -> None:
+        async def attempt(one: _Hedge, nursery: trio.Nursery) -> None:
             nonlocal winner
             try:
                 one.conn = cluster.take_idle(one.endpoint) or await self._connect(one.endpoint)
                 one.conn.requests += 1
                 ex.forwarded = True
                 try:
-                    await one.conn.stream.send_all(data)
+                    await one.conn.send_request(head, one.headers, body, True, ex.trailers)
                 except STREAM_ERRORS:
-                    raise _UpstreamLost("upstream connection lost while sending the request", 0) from None
-                one.response, one.reader = await self._response_head(head, one.conn, one.ex, informational=False)
+                    raise UpstreamLost("upstream connection lost while sending the request") from None
+                one.response = await self._response_head(head, one.conn, one.ex, informational=False)
                 winner = one
                 nursery.cancel_scope.cancel()
-            except _UpstreamLost as lost:
+            except UpstreamLost as lost:
                 one.fail(_TryFailed(MeshError(502, lost.reason, "upstream_reset"), RESET))
             except _TryFailed as exc:
                 one.fail(exc)
@@ -772,14 +752,14 @@ class Downstream:
         returned = tries[0]  # the try whose outcome the caller accounts; this accounts every other one
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(attempt, tries[0], data, nursery)
+                nursery.start_soon(attempt, tries[0], nursery)
                 with trio.move_on_after(hedge_after):
                     await tries[0].failed.wait()  # a winner cancels the wait with the rest of the nursery
                 if tries[0].failure is None and winner is None:
-                    hedge = self._hedge(head, first, hash_key, headers, grpc_timeout, deadline, body)
+                    hedge = self._hedge(first, hash_key, headers, grpc_timeout, deadline)
                     if hedge is not None:
                         tries.append(hedge)
-                        nursery.start_soon(attempt, hedge, hedge.data, nursery)
+                        nursery.start_soon(attempt, hedge, nursery)
             if winner is not None:
                 returned = winner
         finally:
@@ -793,22 +773,20 @@ class Downstream:
             failure = tries[0].failure
             assert failure is not None
             raise failure
-        assert winner.conn is not None and winner.response is not None and winner.reader is not None
+        assert winner.conn is not None and winner.response is not None
         self.upstream = winner.conn
         if winner is not tries[0]:
             hedges["won"] += 1
             ex.endpoint, ex.status, ex.head_at = winner.ex.endpoint, winner.ex.status, winner.ex.head_at
-        return winner.conn, winner.response, winner.reader, winner.endpoint, winner.sent_at
+        return winner.conn, winner.response, winner.endpoint, winner.sent_at
 
     def _hedge(
         self,
-        head: RequestHead,
         first: Endpoint,
         hash_key: bytes | None,
         headers: list[tuple[bytes, bytes]],
         grpc_timeout: int,
         deadline: float,
-        body: bytes,
     ) -> _Hedge | None:
         """The hedged try to launch, counted as started; None when there is no other endpoint, no time left or
         no budget. Never raises: it runs inside the race's nursery."""
@@ -820,10 +798,11 @@ class Downstream:
             return None
         if second.key == first.key:
             return None
-        hedge = _Hedge(second, Exchange(), trio.current_time())
+        now = trio.current_time()
+        hedge = _Hedge(second, Exchange(), now, list(headers))
         hedge.ex.endpoint = str(second)
         try:
-            hedge.data = self._request_bytes(head, headers, grpc_timeout, deadline, hedge.ex, hedge.sent_at) + body
+            self._try_headers(hedge.headers, grpc_timeout, deadline, now)
         except MeshError:  # the deadline has passed; the sweeper is about to answer
             return None
         if not cluster.budget.withdraw():
@@ -862,9 +841,8 @@ class Downstream:
         return pause
 
     async def _buffer_body(self, head: RequestHead, ex: Exchange, body: list[bytes], want: float) -> bool:
-        """Read more of the request body into `body` (framed for the upstream) until it ends or `want` bytes are
-        here; True if it ended. Each piece must come within timeouts.idle (and the caller's deadline)."""
-        chunked = head.chunked
+        """Read more of the request body into `body` until it ends or `want` bytes are here; True if it ended.
+        Each piece must come within timeouts.idle (and the caller's deadline)."""
         caller_deadline = ex.caller_deadline
         idle = self.timeouts.idle
         self.waiting_for = _BODY
@@ -872,18 +850,16 @@ class Downstream:
             self.deadline = min(caller_deadline, trio.current_time() + idle)
             event = await self._body_event()
             if event is END:
-                if chunked:
-                    body.append(http1.last_chunk_bytes())
                 ex.request_done = True
                 return True
             if type(event) is Trailers:
-                body.append(http1.last_chunk_bytes(event.headers))
+                ex.trailers = event.headers
                 self.reader.next_event()  # END follows trailers
                 ex.request_done = True
                 return True
             assert isinstance(event, bytes)
             ex.rx += len(event)
-            body.append(http1.chunk_bytes(event) if chunked else event)
+            body.append(event)
         return False
 
     async def _connect(self, endpoint: Endpoint, http1: bool = False) -> UpstreamConnection:
@@ -895,11 +871,18 @@ class Downstream:
             raise _TryFailed(exc, CONNECT_FAILURE, never_ran=True) from None
 
     async def _per_try(
-        self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: Exchange, deadline: float, retry: RetryPolicy
-    ) -> tuple[UpstreamConnection, ResponseHead, ResponseReader]:
+        self,
+        head: RequestHead,
+        headers: list[tuple[bytes, bytes]],
+        body: list[bytes],
+        endpoint: Endpoint,
+        ex: Exchange,
+        deadline: float,
+        retry: RetryPolicy,
+    ) -> tuple[Upstream, ResponseHead]:
         """`_send_for_head` within the per-try timeout; its expiry is a failed try (`per_try_timeout`)."""
         with trio.CancelScope(deadline=min(deadline, trio.current_time() + retry.per_try_timeout)) as scope:
-            result = await self._send_for_head(head, data, endpoint, ex)
+            result = await self._send_for_head(head, headers, body, endpoint, ex)
         if not scope.cancelled_caught:
             return result
         if self.upstream is not None:
@@ -910,8 +893,8 @@ class Downstream:
         raise _TryFailed(MeshError(504, "upstream per-try timeout", "per_try_timeout"), PER_TRY_TIMEOUT)
 
     async def _send_for_head(
-        self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: Exchange
-    ) -> tuple[UpstreamConnection, ResponseHead, ResponseReader]:
+        self, head: RequestHead, headers: list[tuple[bytes, bytes]], body: list[bytes], endpoint: Endpoint, ex: Exchange
+    ) -> tuple[Upstream, ResponseHead]:
         # A pooled connection may have been closed by the upstream in the instant before our write. Such a
         # request is sent once more on a new connection when it is idempotent (Go's and httpcore's rule).
         replayable = head.method in IDEMPOTENT
@@ -927,22 +910,23 @@ class Downstream:
             ex.forwarded = True
             try:
                 try:
-                    await conn.stream.send_all(data)
+                    await conn.send_request(head, headers, body, True, ex.trailers)
                 except STREAM_ERRORS:
-                    raise _UpstreamLost("upstream connection lost while sending the request", 0) from None
-                response, reader = await self._response_head(head, conn, ex)
-                return conn, response, reader
-            except _UpstreamLost as lost:
+                    raise UpstreamLost("upstream connection lost while sending the request") from None
+                return conn, await self._response_head(head, conn, ex)
+            except UpstreamLost as lost:
                 # An HTTP/2 peer that refused the stream (REFUSED_STREAM, or above its GOAWAY) never processed it.
-                refused = getattr(conn, "error_code", None) == ErrorCodes.REFUSED_STREAM
+                refused = lost.never_ran or getattr(conn, "error_code", None) == ErrorCodes.REFUSED_STREAM
                 conn.close()
                 self.upstream = conn = None
-                if replayed or not (((reused and replayable) or refused) and not lost.response_bytes):
+                if replayed or not ((reused and replayable) or refused):
                     raise _TryFailed(MeshError(502, lost.reason, "upstream_reset"), RESET, never_ran=refused) from None
                 replayed = True
                 log.debug("retrying on a new connection", upstream=self.proxy.cluster.name, endpoint=ex.endpoint)
 
-    async def _streaming_try(self, head: RequestHead, data: bytes, endpoint: Endpoint, ex: Exchange) -> bool:
+    async def _streaming_try(
+        self, head: RequestHead, headers: list[tuple[bytes, bytes]], body: list[bytes], endpoint: Endpoint, ex: Exchange
+    ) -> bool:
         """Send a request whose body is still arriving, streaming the rest as the response comes back."""
         http1 = head.upgrade is not None
         conn = self.proxy.cluster.take_idle(endpoint, http1=http1)
@@ -950,14 +934,16 @@ class Downstream:
             conn = await self._connect(endpoint, http1)
         conn.requests += 1
         self.upstream = conn
-        return await self._send_streaming(head, data, conn, ex)
+        return await self._send_streaming(head, headers, body, conn, ex)
 
-    async def _send_streaming(self, head: RequestHead, data: bytes, conn: UpstreamConnection, ex: Exchange) -> bool:
-        pump = BodyPump(self, head, conn, ex)
+    async def _send_streaming(
+        self, head: RequestHead, headers: list[tuple[bytes, bytes]], body: list[bytes], conn: Upstream, ex: Exchange
+    ) -> bool:
+        pump = BodyPump(self, conn, ex)
         ex.forwarded = True
         try:
-            await conn.stream.send_all(data)
-        except STREAM_ERRORS:
+            await conn.send_request(head, headers, body, False)
+        except (*STREAM_ERRORS, UpstreamLost):
             conn.close()
             raise MeshError(502, "upstream connection lost while sending the request", "upstream_reset") from None
         # Failures are raised after the nursery has closed: raised inside it they would reach the caller
@@ -967,12 +953,12 @@ class Downstream:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump.run)
             try:
-                response, reader = await self._response_head(head, conn, ex)
+                response = await self._response_head(head, conn, ex)
                 if response.upgrade:
-                    keep_alive = await self._upgraded(head, response, reader, conn, ex)
+                    keep_alive = await self._upgraded(head, response, conn, ex)
                 else:
-                    keep_alive = await self._stream_response(head, response, reader, conn, ex, pump)
-            except _UpstreamLost as lost:
+                    keep_alive = await self._stream_response(head, response, conn, ex, pump)
+            except UpstreamLost as lost:
                 conn.close()
                 # If the request broke off first, that is the outcome.
                 failure = pump.error if pump.error is not None else MeshError(502, lost.reason, "upstream_reset")
@@ -987,45 +973,20 @@ class Downstream:
         return keep_alive and ex.request_done
 
     async def _response_head(
-        self, head: RequestHead, conn: UpstreamConnection, ex: Exchange, *, informational: bool = True
-    ) -> tuple[ResponseHead, ResponseReader]:
+        self, head: RequestHead, conn: Upstream, ex: Exchange, *, informational: bool = True
+    ) -> ResponseHead:
         """Read up to the final response head, passing 1xx heads downstream (if `informational`: a hedged try
-        must not write downstream while another try may); _UpstreamLost if nothing came."""
-        reader = conn.reader
-        if reader is None or head.method == b"HEAD":
-            # One parser serves a connection's responses; a response to HEAD gets its own (see ResponseReader).
-            limits = self.limits
-            reader = ResponseReader(
-                request_method=head.method,
-                max_header_bytes=limits.max_header_bytes,
-                max_header_count=limits.max_header_count,
-            )
-            if head.method != b"HEAD":
-                conn.reader = reader
-        upstream = conn.stream
-        received = 0
+        must not write downstream while another try may); UpstreamLost if nothing came."""
         while True:
-            event = reader.next_event()
+            event = conn.next_event()
             if event is None:
                 try:
-                    data = await upstream.receive_some(READ_SIZE)
-                except STREAM_ERRORS:
-                    data = b""
-                if not data:
-                    if received == 0:
-                        raise _UpstreamLost("upstream closed the connection before responding", 0)
-                    try:
-                        reader.feed_eof()
-                    except ProtocolError:
-                        conn.close()
-                        raise MeshError(502, "upstream closed the connection mid-response", "upstream_reset") from None
-                    continue
-                received += len(data)
-                try:
-                    reader.feed(data)
+                    await conn.read_more()
                 except ProtocolError as exc:
                     conn.close()
-                    raise MeshError(502, f"invalid response from upstream: {exc.reason}", "invalid_response") from None
+                    cut = exc.code == "upstream_reset"
+                    reason = exc.reason if cut else f"invalid response from upstream: {exc.reason}"
+                    raise MeshError(502, reason, exc.code) from None
                 continue
             if type(event) is not ResponseHead:
                 conn.close()
@@ -1037,16 +998,10 @@ class Downstream:
             break
         ex.status = event.status
         ex.head_at = trio.current_time()
-        return event, reader
+        return event
 
     async def _stream_response(
-        self,
-        head: RequestHead,
-        response: ResponseHead,
-        reader: ResponseReader,
-        conn: UpstreamConnection,
-        ex: Exchange,
-        pump: BodyPump | None,
+        self, head: RequestHead, response: ResponseHead, conn: Upstream, ex: Exchange, pump: BodyPump | None
     ) -> bool:
         proxy = self.proxy
         headers = response.headers
@@ -1067,15 +1022,14 @@ class Downstream:
         elif head.http10:
             headers.append((b"connection", b"keep-alive"))
         out = [http1.response_head_bytes(response.status, response.reason, headers)]
-        upstream = conn.stream
         downstream = self.stream
         idle = self.timeouts.idle
         complete = not response.has_body
         if complete:
-            reader.next_event()  # END
+            conn.next_event()  # END
         self._response_begins(ex)
         while not complete:
-            event = reader.next_event()
+            event = conn.next_event()
             if event is None:
                 if out:
                     self.deadline = trio.current_time() + idle
@@ -1083,8 +1037,8 @@ class Downstream:
                     out = []
                 self.deadline = trio.current_time() + idle
                 try:
-                    await read_more(reader, upstream)
-                except ProtocolError as exc:
+                    await conn.read_more()
+                except (ProtocolError, UpstreamLost) as exc:
                     conn.close()
                     raise MeshError(502, exc.reason, "upstream_reset") from None
                 continue
@@ -1107,7 +1061,7 @@ class Downstream:
         return keep_alive and ex.request_done
 
     async def _hand_back(
-        self, head: RequestHead, response: ResponseHead, conn: UpstreamConnection, ex: Exchange, pump: BodyPump | None
+        self, head: RequestHead, response: ResponseHead, conn: Upstream, ex: Exchange, pump: BodyPump | None
     ) -> bool:
         """After a complete response: return the upstream connection to the pool if the exchange left it clean,
         else close it. False if the upstream answered before the request body ended (the client must not reuse
@@ -1127,18 +1081,16 @@ class Downstream:
         self.proxy.cluster.release(conn, reusable=reusable)
         return True
 
-    async def _upgraded(
-        self, head: RequestHead, response: ResponseHead, reader: ResponseReader, conn: UpstreamConnection, ex: Exchange
-    ) -> bool:
+    async def _upgraded(self, head: RequestHead, response: ResponseHead, conn: Upstream, ex: Exchange) -> bool:
         """After a 101, the two connections become one opaque byte stream; both close when it ends."""
-        if head.upgrade is None:
+        if head.upgrade is None or not isinstance(conn, UpstreamConnection):
             conn.close()
             raise MeshError(502, "upstream switched protocols without an upgrade request", "invalid_response")
         ex.response_started = True
         self.deadline = INF  # the splice keeps its own idle timeout
         downstream = self.stream
         first_down = http1.response_head_bytes(response.status, response.reason, response.headers)
-        await downstream.send_all(first_down + (reader.upgraded_data or b""))
+        await downstream.send_all(first_down + conn.upgraded_data)
         pending_up = self.reader.upgraded_data or b""
         try:
             if pending_up:
@@ -1193,19 +1145,6 @@ class Downstream:
         return True
 
 
-async def read_more(reader: ResponseReader, upstream: Stream) -> None:
-    """Feed the next piece of an upstream response into `reader`; a failed read is an EOF (ProtocolError if the
-    response was not complete)."""
-    try:
-        data = await upstream.receive_some(READ_SIZE)
-    except STREAM_ERRORS:
-        data = b""
-    if data:
-        reader.feed(data)
-    else:
-        reader.feed_eof()
-
-
 def _drain_error(ex: Exchange) -> MeshError:
     """The answer to an exchange the drain deadline cut before its response began."""
     if ex.forwarded:
@@ -1251,33 +1190,23 @@ def _worth_buffering(head: RequestHead, limit: int) -> bool:
 
 
 class _Hedge:
-    """One try of a hedged request: where it went, when, and what came back."""
+    """One try of a hedged request: where it went, when, with which headers, and what came back."""
 
-    __slots__ = ("conn", "data", "endpoint", "ex", "failed", "failure", "reader", "response", "sent_at")
+    __slots__ = ("conn", "endpoint", "ex", "failed", "failure", "headers", "response", "sent_at")
 
-    def __init__(self, endpoint: Endpoint, ex: Exchange, sent_at: float) -> None:
+    def __init__(self, endpoint: Endpoint, ex: Exchange, sent_at: float, headers: list[tuple[bytes, bytes]]) -> None:
         self.endpoint = endpoint
         self.ex = ex
         self.sent_at = sent_at
-        self.conn: UpstreamConnection | None = None
+        self.headers = headers
+        self.conn: Upstream | None = None
         self.response: ResponseHead | None = None
-        self.reader: ResponseReader | None = None
         self.failure: _TryFailed | None = None
         self.failed = trio.Event()
-        self.data = b""  # the request bytes of a hedge
 
     def fail(self, failure: _TryFailed) -> None:
         self.failure = failure
         self.failed.set()
-
-
-class _UpstreamLost(Exception):
-    """The upstream connection failed before any response byte arrived."""
-
-    def __init__(self, reason: str, response_bytes: int) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.response_bytes = response_bytes
 
 
 class BodyPump:
@@ -1285,11 +1214,10 @@ class BodyPump:
 
     It never raises: a failure is kept in `error` and ends the pump, which the exchange then inspects."""
 
-    __slots__ = ("body_read", "conn", "done", "downstream", "error", "ex", "finished", "head")
+    __slots__ = ("body_read", "conn", "done", "downstream", "error", "ex", "finished")
 
-    def __init__(self, downstream: Downstream, head: RequestHead, conn: UpstreamConnection, ex: Exchange) -> None:
+    def __init__(self, downstream: Downstream, conn: Upstream, ex: Exchange) -> None:
         self.downstream = downstream
-        self.head = head
         self.conn = conn
         self.ex = ex
         self.finished = False  # the whole body reached the upstream
@@ -1298,8 +1226,7 @@ class BodyPump:
         self.error: Exception | None = None
 
     async def run(self) -> None:
-        chunked = self.head.chunked
-        send_all = self.conn.stream.send_all
+        conn = self.conn
         ex = self.ex
         down = self.downstream
         idle = down.timeouts.idle
@@ -1309,23 +1236,19 @@ class BodyPump:
                 if down.waiting_for == _BODY:  # progress keeps the exchange alive until the body is through
                     down.deadline = min(caller_deadline, trio.current_time() + idle)
                 event = await down._body_event()
+                ex.upstream_reading = True
                 if event is END:
                     self.body_read = True
-                    last = http1.last_chunk_bytes() if chunked else b""
+                    await conn.send_end()
                 elif type(event) is Trailers:
                     self.body_read = True
                     down.reader.next_event()  # END
-                    last = http1.last_chunk_bytes(event.headers)
+                    await conn.send_end(event.headers)
                 else:
                     ex.rx += len(event)
-                    last = None
-                ex.upstream_reading = True
-                if last is None:
-                    await send_all(http1.chunk_bytes(event) if chunked else event)
-                elif last:
-                    await send_all(last)
+                    await conn.send_body(event)
                 ex.upstream_reading = False
-                if last is not None:
+                if self.body_read:
                     break
             ex.request_done = True
             self.finished = True
@@ -1335,7 +1258,7 @@ class BodyPump:
         except (DownstreamGone, ProtocolError) as exc:
             self.error = exc
             self.conn.close()  # the upstream must not see a request that ended early as complete
-        except STREAM_ERRORS:
+        except (*STREAM_ERRORS, UpstreamLost):
             # The upstream stopped reading (it may already be answering); the response decides the outcome.
             self.error = MeshError(502, "upstream connection lost while sending the request body", "upstream_reset")
         finally:

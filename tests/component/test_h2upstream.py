@@ -15,16 +15,37 @@ import trio.testing
 from h2.errors import ErrorCodes
 
 from mesh.discovery import Endpoint
+from mesh.errors import UpstreamLost
 from mesh.h2io import WRITE_BUDGET
 from mesh.h2upstream import H2Connection, H2Exchange, H2Pool
-from mesh.http1 import END, ResponseHead, ResponseReader, Trailers
+from mesh.message import END, RequestHead, ResponseHead, Trailers
 
 pytestmark = pytest.mark.trio
 
-REQUEST = (
-    b"POST /pkg.Svc/Call HTTP/1.1\r\nhost: api\r\ncontent-type: application/grpc\r\nx-mesh-deadline: 900\r\n"
-    b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-end: 1\r\n\r\n"
-)
+
+def request(
+    method: bytes = b"GET",
+    target: bytes = b"/",
+    *,
+    body: bool = False,
+    content_length: int | None = None,
+    upgrade: bytes | None = None,
+) -> RequestHead:
+    """A request head as the codecs produce it (a body without content-length is of unknown length)."""
+    return RequestHead(
+        method=method,
+        target=target,
+        http10=False,
+        headers=[(b"host", b"api")],
+        mesh_headers=[],
+        keep_alive=True,
+        has_body=body,
+        chunked=body and content_length is None,
+        content_length=content_length,
+        expect_continue=False,
+        upgrade=upgrade,
+        authority=b"api",
+    )
 
 
 class Server:
@@ -94,25 +115,30 @@ async def setup(nursery: trio.Nursery) -> tuple[H2Connection, Server, list[H2Con
 
 
 async def read_response(exchange: H2Exchange) -> list[object]:
-    reader = ResponseReader(request_method=b"POST")
     events: list[object] = []
     while not events or events[-1] is not END:
-        data = await exchange.receive_some()
-        if not data:
-            reader.feed_eof()
+        event = exchange.next_event()
+        if event is None:
+            await exchange.read_more()
         else:
-            reader.feed(data)
-        while (event := reader.next_event()) is not None:
             events.append(event)
     return events
+
+
+async def next_event(exchange: H2Exchange) -> object:
+    while (event := exchange.next_event()) is None:
+        await exchange.read_more()
+    return event
 
 
 async def test_a_request_and_its_trailers_cross_both_ways(nursery: trio.Nursery) -> None:
     conn, server, _ = await setup(nursery)
     exchange = conn.open()
-    await exchange.send_all(REQUEST)
-    request = await server.wait_for(h2.events.RequestReceived)
-    headers = dict(request.headers)
+    head = request(b"POST", b"/pkg.Svc/Call", body=True)
+    fields = [(b"host", b"api"), (b"content-type", b"application/grpc"), (b"x-mesh-deadline", b"900")]
+    await exchange.send_request(head, fields, [b"hello"], True, [(b"x-end", b"1")])
+    received = await server.wait_for(h2.events.RequestReceived)
+    headers = dict(received.headers)
     assert headers[b":authority"] == b"api" and headers[b":scheme"] == b"https"
     assert headers[b":path"] == b"/pkg.Svc/Call" and headers[b"te"] == b"trailers"
     assert headers[b"x-mesh-deadline"] == b"900"  # the mesh's own headers travel
@@ -137,36 +163,38 @@ async def test_a_request_and_its_trailers_cross_both_ways(nursery: trio.Nursery)
 async def test_a_refused_stream_is_a_failure_before_any_response_byte(nursery: trio.Nursery) -> None:
     conn, server, _ = await setup(nursery)
     exchange = conn.open()
-    await exchange.send_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n")
+    await exchange.send_request(request(), [(b"host", b"api")], [], True)
     await server.wait_for(h2.events.RequestReceived)
     server.conn.reset_stream(1, ErrorCodes.REFUSED_STREAM)
     await server.flush()
-    with pytest.raises(trio.BrokenResourceError, match="REFUSED_STREAM"):
-        await exchange.receive_some()
+    with pytest.raises(UpstreamLost, match="REFUSED_STREAM") as lost:
+        await exchange.read_more()
+    assert lost.value.never_ran
 
 
 async def test_close_mid_response_resets_the_stream_and_the_connection_stays(nursery: trio.Nursery) -> None:
     conn, server, _ = await setup(nursery)
     exchange = conn.open()
-    await exchange.send_all(b"GET /long HTTP/1.1\r\nhost: api\r\n\r\n")
+    await exchange.send_request(request(target=b"/long"), [(b"host", b"api")], [], True)
     await server.wait_for(h2.events.RequestReceived)
     server.conn.send_headers(1, [(b":status", b"200")])
     server.conn.send_data(1, b"part")
     await server.flush()
-    assert (await exchange.receive_some()).startswith(b"HTTP/1.1 200 OK\r\n")
+    head = await next_event(exchange)
+    assert isinstance(head, ResponseHead) and head.status == 200
     exchange.close()
     reset = await server.wait_for(h2.events.StreamReset)
     assert reset.error_code == ErrorCodes.CANCEL
     assert conn.available  # the connection serves the next request
     second = conn.open()
-    await second.send_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n")
+    await second.send_request(request(), [(b"host", b"api")], [], True)
     assert (await server.wait_for(h2.events.RequestReceived, 3)).stream_id == 3
 
 
 async def test_the_response_window_opens_only_as_the_proxy_reads(nursery: trio.Nursery) -> None:
     conn, server, _ = await setup(nursery)
     exchange = conn.open()
-    await exchange.send_all(b"GET /big HTTP/1.1\r\nhost: api\r\n\r\n")
+    await exchange.send_request(request(target=b"/big"), [(b"host", b"api")], [], True)
     await server.wait_for(h2.events.RequestReceived)
     server.conn.send_headers(1, [(b":status", b"200")])
     await server.flush()
@@ -180,9 +208,13 @@ async def test_the_response_window_opens_only_as_the_proxy_reads(nursery: trio.N
     assert sent == 1 << 20  # what the mesh advertises per stream: nothing more can be sent unread
     await trio.testing.wait_all_tasks_blocked()
     assert server.conn.local_flow_control_window(1) == 0
+    assert isinstance(await next_event(exchange), ResponseHead)
     received = 0
     while received < sent:
-        received += len(await exchange.receive_some())
+        data = await next_event(exchange)
+        assert isinstance(data, bytes)
+        received += len(data)
+    assert exchange.next_event() is None  # all taken: the credit goes back
     with trio.fail_after(5):
         while server.conn.local_flow_control_window(1) == 0:  # reading gave the window back
             await server.changed.wait()
@@ -195,7 +227,7 @@ async def test_goaway_stops_new_streams_and_the_pool_looks_elsewhere(nursery: tr
     pool.add(conn.endpoint.key, conn)
     exchange = pool.take(conn.endpoint.key)
     assert exchange is not None
-    await exchange.send_all(b"GET / HTTP/1.1\r\nhost: api\r\n\r\n")
+    await exchange.send_request(request(), [(b"host", b"api")], [], True)
     await server.wait_for(h2.events.RequestReceived)
     server.conn.close_connection(error_code=ErrorCodes.NO_ERROR, last_stream_id=1)
     await server.flush()
@@ -212,7 +244,7 @@ async def test_a_request_http2_cannot_carry_gives_its_reserved_stream_back(nurse
     exchange = conn.open()
     assert conn.reserved == 1
     with pytest.raises(trio.BrokenResourceError, match="upgrade"):
-        await exchange.send_all(b"GET /ws HTTP/1.1\r\nhost: api\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+        await exchange.send_request(request(target=b"/ws", upgrade=b"websocket"), [(b"host", b"api")], [], True)
     exchange.close()
     exchange.close()
     assert conn.reserved == 0 and conn.available
@@ -241,7 +273,9 @@ async def test_a_request_body_stops_at_the_write_budget_when_the_peer_opens_a_hu
 
     size = 16 << 20
     exchange = conn.open()
-    await exchange.send_all(b"POST /up HTTP/1.1\r\nhost: api\r\ncontent-length: %d\r\n\r\n" % size)
+    await exchange.send_request(
+        request(b"POST", b"/up", body=True, content_length=size), [(b"host", b"api")], [], False
+    )
     await serve(lambda: any(isinstance(e, h2.events.RequestReceived) for e in server.events))
     await trio.testing.wait_all_tasks_blocked()  # the client has taken the huge windows; the peer reads no more
     assert conn.session.window(1) > size
@@ -252,7 +286,7 @@ async def test_a_request_body_stops_at_the_write_budget_when_the_peer_opens_a_hu
         nonlocal handed
         piece = b"x" * 65536
         while handed < size:
-            await exchange.send_all(piece)
+            await exchange.send_body(piece)
             handed += len(piece)
         done.set()
 
