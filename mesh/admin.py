@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -13,19 +13,30 @@ from mesh import http1
 from mesh.admission import Waiter, WaitingRoom
 from mesh.http1 import ProtocolError, RequestHead, RequestReader
 from mesh.metrics import Metrics
+from mesh.reload import ReloadRefused
 
 log = structlog.get_logger("mesh.admin")
 
 _JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_MAX_BODY_BYTES = 65536  # request bodies are read and dropped: no admin endpoint takes one
 
 
 class AdminApp:
-    """Answers `GET /live`, `/ready`, `/metrics`, `/config`, `/clusters`, `/certs` and `/registration` over HTTP/1.1.
+    """Answers `GET /live`, `/ready`, `/metrics`, `/config`, `/clusters`, `/certs` and `/registration`, and
+    `POST /reload`, over HTTP/1.1.
 
     `ready()` returns (ready, reason); `config()` returns the running config with secrets redacted;
     `clusters()` returns per-cluster endpoint state; `certs()` this sidecar's identity and trust bundle;
     `registration()` its registration in Consul. The admin listener should stay on loopback.
+
+    `POST /reload` awaits `reload()` and answers 200 with the JSON object it returns, or 400 with
+    `{"result": "refused", "errors": [...]}` when it raises ReloadRefused (the running config stays); 404 when no
+    `reload` was given. Reloads run one at a time: a second `POST /reload` waits for the one running, then runs
+    its own (so it reads the file as it is after the first). The reload is not shielded from cancellation (the
+    admin listener's drain at shutdown cancels it): `reload()` must leave the running config whole if cancelled.
+    Request bodies (on any request) are read, up to 64 KiB within `head_timeout`, and ignored.
 
     Its limits keep `/live` and `/ready` answering under a flood of slow connections. A request head must be
     complete within `head_timeout` seconds of the connection beginning to wait for it (accepted, or done with its
@@ -43,6 +54,7 @@ class AdminApp:
         clusters: Callable[[], dict[str, Any]],
         certs: Callable[[], dict[str, Any]],
         registration: Callable[[], dict[str, Any]] = lambda: {"registered": False, "reason": "not configured"},
+        reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         head_timeout: float = 5.0,
         send_timeout: float = 5.0,
         max_waiting: int = 128,
@@ -58,14 +70,19 @@ class AdminApp:
         self.clusters = clusters
         self.certs = certs
         self.registration = registration
+        self.reload = reload
+        self._reloading = trio.Lock()
         self.head_timeout = head_timeout
         self.send_timeout = send_timeout
         self.max_connections = max_connections
         self._waiting: WaitingRoom[Waiter] = WaitingRoom(max_waiting)
 
     def respond(self, method: bytes, target: bytes) -> tuple[int, bytes, bytes]:
-        """(status, content type, body) for one request; pure, so it is testable without sockets."""
+        """(status, content type, body) for one request but `POST /reload` (see reload_config); pure, so it is
+        testable without sockets."""
         path = target.split(b"?", 1)[0]
+        if path == b"/reload":
+            return 405, _TEXT, b"only POST is served here\n"
         if method not in (b"GET", b"HEAD"):
             return 405, _TEXT, b"only GET and HEAD are served here\n"
         if path == b"/live":
@@ -84,7 +101,21 @@ class AdminApp:
             return 200, _JSON, _json(self.certs())
         if path == b"/registration":
             return 200, _JSON, _json(self.registration())
-        return 404, _TEXT, b"not found; try /live /ready /metrics /config /clusters /certs /registration\n"
+        return 404, _TEXT, b"not found; try /live /ready /metrics /config /clusters /certs /registration /reload\n"
+
+    async def reload_config(self) -> tuple[int, bytes, bytes]:
+        """(status, content type, body) for `POST /reload`: the reload's outcome, once any reload running is done."""
+        if self.reload is None:
+            return 404, _TEXT, b"reload not configured\n"
+        async with self._reloading:
+            try:
+                result = await self.reload()
+            except ReloadRefused as exc:
+                return 400, _JSON, _json({"result": "refused", "errors": exc.errors})
+            except Exception as exc:
+                log.exception("config reload failed")
+                return 500, _JSON, _json({"result": "error", "errors": [f"{type(exc).__name__}: {exc}"]})
+        return 200, _JSON, _json(result)
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve the requests of one connection in turn, until the client closes or asks to, or a limit is hit.
@@ -92,23 +123,31 @@ class AdminApp:
         A head begun and not finished by its deadline gets 408; a connection silent until then, evicted, or slow
         to take its response is closed without an answer. serve_tcp closes `stream` when this returns, and
         cancels this when its drain time is up."""
-        reader = RequestReader(max_header_bytes=16384, max_header_count=64, max_body_bytes=0)
+        reader = RequestReader(max_header_bytes=16384, max_header_count=64, max_body_bytes=_MAX_BODY_BYTES)
         try:
             while True:
                 try:
                     head = await self._next_head(stream, reader)
+                    if head is not None and head.has_body and not await self._drop_body(stream, reader, head):
+                        return
                 except ProtocolError as exc:
                     body = (exc.reason + "\n").encode()
                     await self._send(stream, http1.simple_response(exc.status, body, close=True))
                     return
                 if head is None:
                     return
-                status, content_type, body = self.respond(head.method, head.target)
-                keep_alive = head.keep_alive and not head.has_body
-                response = http1.simple_response(status, body, [(b"content-type", content_type)], close=not keep_alive)
+                path = head.target.split(b"?", 1)[0]
+                if path == b"/reload" and head.method == b"POST":
+                    status, content_type, body = await self.reload_config()
+                else:
+                    status, content_type, body = self.respond(head.method, head.target)
+                headers = [(b"content-type", content_type)]
+                if status == 405:
+                    headers.append((b"allow", b"POST" if path == b"/reload" else b"GET, HEAD"))
+                response = http1.simple_response(status, body, headers, close=not head.keep_alive)
                 if head.method == b"HEAD":
                     response = response[: len(response) - len(body)]
-                if not await self._send(stream, response) or not keep_alive:
+                if not await self._send(stream, response) or not head.keep_alive:
                     return
         except trio.BrokenResourceError:
             pass  # the client went away
@@ -132,6 +171,23 @@ class AdminApp:
         if reader.in_head:
             raise ProtocolError(408, "the request head did not arrive in time")
         return None
+
+    async def _drop_body(self, stream: trio.abc.Stream, reader: RequestReader, head: RequestHead) -> bool:
+        """Read the request's body to its end and drop it; False if the client closed first. ProtocolError (413)
+        for a body over the limit, 408 for one not complete within `head_timeout` of its head."""
+        if head.expect_continue and not await self._send(stream, _CONTINUE):
+            return False
+        with trio.move_on_after(self.head_timeout):
+            while True:
+                event = reader.next_event()
+                if event is http1.END:
+                    return True
+                if event is None:
+                    data = await stream.receive_some(16384)
+                    if not data:
+                        return False
+                    reader.feed(data)
+        raise ProtocolError(408, "the request body did not arrive in time")
 
     async def _send(self, stream: trio.abc.Stream, data: bytes) -> bool:
         """False if the client did not take `data` within the send timeout."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # discovery runs on trio; the balancer only reads endpoint fields
     from mesh.config import BalancerSettings
-    from mesh.discovery import Endpoint
+    from mesh.endpoint import Endpoint
 
 
 class Balancer(Protocol):

@@ -18,7 +18,7 @@ from mesh.config import (
     PoolSettings,
     RetrySettings,
 )
-from mesh.discovery import Endpoint, EndpointSet
+from mesh.endpoint import Endpoint, EndpointSet
 from mesh.errors import MeshError, connect_timeout, no_endpoints
 from mesh.h1upstream import UpstreamConnection
 from mesh.h2upstream import UPSTREAM_LIMITS, H2Connection, H2Exchange, H2Pool

@@ -15,7 +15,7 @@ import trio
 
 from mesh import log as mesh_log
 from mesh.config import ConsulDiscoverySettings, ConsulSettings
-from mesh.discovery import Endpoint, EndpointSet
+from mesh.endpoint import Endpoint, EndpointSet
 from mesh.watch import Watch
 
 T = TypeVar("T")

@@ -3,7 +3,6 @@
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -12,57 +11,10 @@ import trio
 
 from mesh import log as mesh_log
 from mesh.config import ConfigError, DiscoverySettings, EndpointSpec, load_registry
+from mesh.endpoint import Endpoint, EndpointSet
 from mesh.watch import Watch
 
-_NO_META: Mapping[str, str] = MappingProxyType({})
 _NO_ERRORS: Mapping[str, str | None] = MappingProxyType({})
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One instance of a service (a peer sidecar's inbound listener) as discovery reports it.
-
-    Hashed by `key`, its address, so pools and balancers can keep state per endpoint across set changes;
-    equality compares every field. `meta` is stored read-only.
-    """
-
-    host: str
-    port: int
-    weight: int = 1
-    tags: tuple[str, ...] = ()
-    meta: Mapping[str, str] = field(default_factory=lambda: _NO_META)
-    healthy: bool = True
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.meta, MappingProxyType):
-            object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
-
-    def __hash__(self) -> int:
-        return hash((self.host, self.port))
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    @classmethod
-    def from_spec(cls, spec: EndpointSpec) -> "Endpoint":
-        return cls(spec.address.host, spec.address.port, spec.weight, tuple(spec.tags), spec.meta)
-
-
-@dataclass(frozen=True)
-class EndpointSet:
-    """A service's endpoints as learned at one moment from one source."""
-
-    endpoints: tuple[Endpoint, ...]
-    updated_at: float
-    """time.time() when this set was learned; its age tells how stale the knowledge may be."""
-    source: str
-    """Where it came from: "static", "file:<path>" or "consul:<endpoint>/<service>"."""
-    error: str | None = None
-    """Why the set may be stale: the source's current error (the set is the last one it gave), else None."""
 
 
 class Discovery(Protocol):

@@ -6,7 +6,7 @@ import select
 from typing import Any
 
 from mesh.breaker import CircuitBreaker
-from mesh.discovery import Endpoint
+from mesh.endpoint import Endpoint
 from mesh.errors import UpstreamLost
 from mesh.http1 import ProtocolError, ResponseReader, chunk_bytes, last_chunk_bytes, serialize_headers
 from mesh.message import Headers, RequestHead

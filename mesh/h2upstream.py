@@ -20,7 +20,7 @@ import trio
 from h2.errors import ErrorCodes
 
 from mesh import message
-from mesh.discovery import Endpoint
+from mesh.endpoint import Endpoint
 from mesh.errors import UpstreamLost
 from mesh.h2io import WRITE_BUDGET, SessionWriter
 from mesh.http1 import ProtocolError

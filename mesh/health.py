@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import trio
 
 from mesh import log as mesh_log
-from mesh.discovery import Endpoint, EndpointSet
+from mesh.endpoint import Endpoint, EndpointSet
 from mesh.errors import MeshError
 from mesh.http1 import ProtocolError, ResponseHead, ResponseReader, request_head_bytes
 from mesh.stream import connect_failure, open_socket

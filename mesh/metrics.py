@@ -54,6 +54,11 @@ in time, this sidecar had no usable certificate, the peer's leaf is not an X.509
 instead of presenting a certificate, or (outbound) the peer's SPIFFE ID is not the expected one."""
 
 
+CONFIG_RELOAD_RESULTS = ("ok", "refused", "unchanged")
+"""How a config reload ended: applied, refused (the file did not validate; the old config keeps serving), or
+unchanged (the file's bytes were those already loaded)."""
+
+
 class _RequestCell:
     """Plain counters for one (direction, upstream, status); cells share the duration histogram of their pair."""
 
@@ -115,6 +120,24 @@ class Metrics:
             "Mesh-hop TLS connections refused, by reason: handshake_failed, handshake_timeout, no_certificate, "
             "not_svid, session_reused, identity_mismatch.",
             ["direction", "reason"],
+            registry=self.registry,
+        )
+        self._config_reloads = Counter(
+            "mesh_config_reloads",
+            "Config reloads (SIGHUP or POST /reload on the admin listener), by result: ok, refused, unchanged.",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in CONFIG_RELOAD_RESULTS:
+            self._config_reloads.labels(result)  # every series exists from the start, at zero
+        self._config_version = Gauge(
+            "mesh_config_version",
+            "Version of the config in use: 1 as started, one more per applied reload.",
+            registry=self.registry,
+        )
+        self._config_loaded = Gauge(
+            "mesh_config_loaded_timestamp_seconds",
+            "Unix time the config in use was loaded.",
             registry=self.registry,
         )
         self._connection_gauges: dict[tuple[str, str], Gauge] = {}
@@ -207,6 +230,17 @@ class Metrics:
                 raise ValueError(f"unknown upstream connection event {event!r}")
             count = 0
         self._pool_events[key] = count + 1
+
+    def config_reloaded(self, result: str) -> None:
+        """Count a config reload by its result (CONFIG_RELOAD_RESULTS)."""
+        if result not in CONFIG_RELOAD_RESULTS:
+            raise ValueError(f"unknown config reload result {result!r}")
+        self._config_reloads.labels(result).inc()
+
+    def config_loaded(self, version: int, unix_time: float) -> None:
+        """Record the config now in use: its version and when it was loaded."""
+        self._config_version.set(version)
+        self._config_loaded.set(unix_time)
 
     def watch_certificate_expiry(self, seconds_left: Callable[[], float | None]) -> None:
         """Expose `mesh_certificate_expiry_seconds`, read from `seconds_left()` at scrape time."""

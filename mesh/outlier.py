@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from mesh.discovery import Endpoint
+from mesh.endpoint import Endpoint
 
 _Key = tuple[str, int]
 

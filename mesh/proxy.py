@@ -22,7 +22,7 @@ from mesh.deadline import (
     parse_deadline_ms,
     parse_grpc_timeout,
 )
-from mesh.discovery import Endpoint
+from mesh.endpoint import Endpoint
 from mesh.errors import MeshError, UpstreamLost, deadline_expired, grpc_error_headers, is_grpc, request_timeout
 from mesh.h1upstream import UpstreamConnection
 from mesh.http1 import (

@@ -12,7 +12,7 @@ import trio
 from mesh import log as mesh_log
 from mesh.config import InboundSettings, RegistrationSettings, ServiceSettings, format_duration
 from mesh.consul import ConsulAgent, ConsulUnavailable
-from mesh.discovery import Endpoint
+from mesh.endpoint import Endpoint
 from mesh.health import probe
 
 _BACKOFF_BASE = 0.5

@@ -3,7 +3,7 @@
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh.metrics import Metrics
+from mesh.metrics import CONFIG_RELOAD_RESULTS, Metrics
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -121,4 +121,33 @@ def test_every_metric_is_described_before_any_sample() -> None:
         "mesh_protocol_detected_total",
         "mesh_requests_unanswered_total",
         "mesh_tls_refused_total",
+        "mesh_config_reloads_total",
+        "mesh_config_reloads_created",  # its series exist from the start, so their creation times are shown
+        "mesh_config_version",
+        "mesh_config_loaded_timestamp_seconds",
     }
+
+
+def test_config_reloads_are_counted_by_result_from_zero() -> None:
+    metrics = Metrics()
+    assert {result: value(metrics, "mesh_config_reloads_total", result=result) for result in CONFIG_RELOAD_RESULTS} == {
+        "ok": 0,
+        "refused": 0,
+        "unchanged": 0,
+    }
+    metrics.config_reloaded("ok")
+    metrics.config_reloaded("refused")
+    metrics.config_reloaded("refused")
+    assert value(metrics, "mesh_config_reloads_total", result="ok") == 1
+    assert value(metrics, "mesh_config_reloads_total", result="refused") == 2
+    assert value(metrics, "mesh_config_reloads_total", result="unchanged") == 0
+    with pytest.raises(ValueError, match="unknown config reload result 'failed'"):
+        metrics.config_reloaded("failed")
+
+
+def test_config_loaded_sets_the_version_and_load_time_gauges() -> None:
+    metrics = Metrics()
+    metrics.config_loaded(1, 1_700_000_000.5)
+    metrics.config_loaded(3, 1_700_000_060.25)
+    assert value(metrics, "mesh_config_version") == 3
+    assert value(metrics, "mesh_config_loaded_timestamp_seconds") == 1_700_000_060.25
