@@ -8,6 +8,7 @@ import re
 import types
 import typing
 import urllib.parse
+from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -27,18 +28,28 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "FALLBACK_ROUTE",
+    "GRPC_STATUS_CODES",
     "IDENTITY_REQUIRED",
     "Address",
     "AddressField",
     "AdminSettings",
     "BalancerSettings",
     "CircuitBreakers",
+    "ClusterFields",
+    "ClusterSettings",
     "ConfigError",
+    "Destination",
+    "DirectResponse",
     "DiscoverySettings",
     "Duration",
     "Endpoint",
     "EndpointSpec",
+    "Fault",
+    "FaultAbort",
+    "FaultDelay",
     "HashOn",
+    "HeaderChanges",
     "IdentityFiles",
     "IdentityFromCA",
     "IdentitySettings",
@@ -47,16 +58,26 @@ __all__ = [
     "Limits",
     "LogSettings",
     "MeshSettings",
+    "Mirror",
     "OutlierSettings",
     "PoolSettings",
+    "Redirect",
     "RegistryFile",
+    "RetrySettings",
+    "RetryableGrpcStatus",
+    "Rewrite",
+    "Route",
+    "RouteMatch",
+    "RouteTimeouts",
     "ServiceName",
     "ServiceSettings",
     "ShutdownSettings",
     "SidecarConfig",
     "Size",
+    "StringMatch",
     "Timeouts",
     "UpstreamSettings",
+    "WeightedDestination",
     "dump_config",
     "format_duration",
     "format_size",
@@ -470,6 +491,33 @@ class RetryBudget(_Model):
 
 RetryReason = Literal["connect_failure", "reset", "per_try_timeout"]
 
+GRPC_STATUS_CODES: Mapping[str, int] = types.MappingProxyType(
+    {
+        "ok": 0,
+        "cancelled": 1,
+        "unknown": 2,
+        "invalid_argument": 3,
+        "deadline_exceeded": 4,
+        "not_found": 5,
+        "already_exists": 6,
+        "permission_denied": 7,
+        "resource_exhausted": 8,
+        "failed_precondition": 9,
+        "aborted": 10,
+        "out_of_range": 11,
+        "unimplemented": 12,
+        "internal": 13,
+        "unavailable": 14,
+        "data_loss": 15,
+        "unauthenticated": 16,
+    }
+)
+"""The gRPC status codes by their lower-case names, as `grpc-status` carries them (unavailable: 14)."""
+
+RetryableGrpcStatus = Literal[
+    "cancelled", "unknown", "deadline_exceeded", "resource_exhausted", "aborted", "internal", "unavailable"
+]
+
 
 class RetrySettings(_Model):
     """Which failed requests are tried again, on another endpoint, and how often."""
@@ -482,6 +530,11 @@ class RetrySettings(_Model):
     )
     statuses: list[Annotated[int, Field(ge=500, le=599)]] = Field(
         default_factory=lambda: [502, 503, 504], description="Response statuses that are retried."
+    )
+    grpc_statuses: list[RetryableGrpcStatus] = Field(
+        default_factory=lambda: ["unavailable"],
+        description="For gRPC requests: the grpc-status values (in the response headers or trailers) that are "
+        "retried; gRPC answers errors with HTTP 200, so `statuses` never applies to it.",
     )
     methods: Literal["idempotent", "all"] = Field(
         "idempotent",
@@ -525,6 +578,466 @@ class HealthCheckSettings(_Model):
     healthy_threshold: int = Field(2, ge=1, description="Passed probes in a row that mark it healthy again.")
 
 
+# --- routes ---
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+)
+_ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_HOST_PATTERN = re.compile(r"(?:\*\.)?[a-z0-9_-]+(?:\.[a-z0-9_-]+)*|\[[0-9a-f:.]+\]")
+_HOST_OR_IP_PATTERN = r"(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*|\[[0-9A-Fa-f:.]+\])"
+_HOST_OR_IP = re.compile(_HOST_OR_IP_PATTERN)
+_AUTHORITY = re.compile(_HOST_OR_IP_PATTERN + r"(?::\d{1,5})?")
+_NOT_NORMAL_ESCAPE = re.compile(r"%(?:2[eEfF]|5[cC]|00)")
+FALLBACK_ROUTE = "default"
+"""The name of a listener's implicit last route, which sends what no route matched to the listener's service."""
+
+
+def _header_name(value: object, *, pseudo: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a header name (got {_show(value)})")
+    if value.startswith(":"):
+        raise ValueError(f"'{value}' is a pseudo-header: {pseudo}")
+    if not _TOKEN.fullmatch(value):
+        raise ValueError(f"invalid header name {value!r}: use letters, digits and !#$%&'*+.^_`|~-")
+    return value.lower()
+
+
+def _check_matched_header(value: object) -> str:
+    name = _header_name(
+        value,
+        pseudo="match the authority with host, the method with methods, the path with path, path_prefix or path_regex",
+    )
+    if name == "host":
+        raise ValueError("match the authority (Host) with match.host")
+    if name in _HOP_BY_HOP or name.startswith("x-mesh-"):
+        raise ValueError(f"'{name}' is removed from requests before they are routed, so it never matches")
+    return name
+
+
+def _check_changed_header(value: object) -> str:
+    name = _header_name(value, pseudo="change the path with rewrite.prefix and the authority with rewrite.host")
+    if name in _HOP_BY_HOP:
+        raise ValueError(f"'{name}' is a hop-by-hop header: the proxy sets it for each connection")
+    if name == "content-length":
+        raise ValueError("'content-length' frames the body: the proxy sets it")
+    if name.startswith("x-mesh-"):
+        raise ValueError(f"'{name}': x-mesh-* headers are the mesh's own (docs/wire.md) and cannot be changed")
+    return name
+
+
+def _check_header_value(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string (got {_show(value)}): quote numbers")
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError("a header value must not contain CR, LF or NUL")
+    return value
+
+
+def _distinct_names(value: object) -> object:
+    """Header names are case-insensitive: refuse a mapping that names one header twice in different cases."""
+    if isinstance(value, dict):
+        seen: dict[str, object] = {}
+        for key in value:
+            if isinstance(key, str):
+                if key.lower() in seen:
+                    raise ValueError(f"'{key}' and '{seen[key.lower()]}' name the same header (names ignore case)")
+                seen[key.lower()] = key
+    return value
+
+
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+    return value
+
+
+def _check_route_path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"a path must start with '/' (got {_show(value)})")
+    if any(c in value for c in " \t\r\n?#\\"):
+        raise ValueError(f"a path must contain no whitespace, '?', '#' or '\\' (got {value!r})")
+    segments = value.split("/")[1:]
+    if "" in segments[:-1] or "." in segments or ".." in segments or _NOT_NORMAL_ESCAPE.search(value):
+        raise ValueError(
+            f"{value!r} is not in normal form: requests are routed after '//', '.', '..' and %2E are resolved "
+            "(and %2F, %5C and %00 are refused)"
+        )
+    return value
+
+
+RoutePath = Annotated[str, BeforeValidator(_check_route_path)]
+"""A path as requests are matched and rewritten: starting with '/', without '//', '.' or '..' segments."""
+
+
+def _check_host_pattern(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a host name (got {_show(value)})")
+    host = value.strip().lower()
+    if host == "*":
+        raise ValueError("'*' would match every host: leave match.host out instead")
+    host = host.removesuffix(".")
+    if not _HOST_PATTERN.fullmatch(host):
+        raise ValueError(
+            f"invalid host {value!r}: use a host name (api.example.com), a wildcard (*.example.com) or an IP "
+            "address, without a port (ports are ignored)"
+        )
+    return host
+
+
+def _one_or_more(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+def _check_method(value: object) -> str:
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise ValueError(f"expected an HTTP method such as GET (got {_show(value)})")
+    return value.upper()
+
+
+def _check_authority(value: object) -> str:
+    if not isinstance(value, str) or not _AUTHORITY.fullmatch(value):
+        raise ValueError(f"expected host or host:port (got {_show(value)})")
+    return value
+
+
+def _check_redirect_host(value: object) -> str:
+    if isinstance(value, str) and _AUTHORITY.fullmatch(value) and not _HOST_OR_IP.fullmatch(value):
+        raise ValueError(f"give the port in redirect.port, not in the host (got {value!r})")
+    if not isinstance(value, str) or not _HOST_OR_IP.fullmatch(value):
+        raise ValueError(f"expected a host name or IP address (got {_show(value)})")
+    return value
+
+
+def _check_route_name(value: object) -> str:
+    if not isinstance(value, str) or not _ROUTE_NAME.fullmatch(value):
+        raise ValueError(f"invalid route name {_show(value)}: use 1-63 letters, digits, '.', '-' and '_'")
+    if value == FALLBACK_ROUTE:
+        raise ValueError(f"'{FALLBACK_ROUTE}' names the route of the requests that no route matches: choose another")
+    return value
+
+
+def _string_match_shorthand(value: object) -> object:
+    if isinstance(value, str):
+        return {"exact": value}
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(
+            f"expected a string or a mapping of one of exact, prefix, regex, present (got {value!r}): quote numbers"
+        )
+    return value
+
+
+MatchedHeader = Annotated[str, BeforeValidator(_check_matched_header)]
+ChangedHeader = Annotated[str, BeforeValidator(_check_changed_header)]
+HeaderValue = Annotated[str, BeforeValidator(_check_header_value)]
+
+
+class StringMatch(_Model):
+    """A condition on a header or query parameter: exactly one field. A bare string means {exact: ...}."""
+
+    exact: str | None = Field(None, description="A value equals this string (case-sensitive).")
+    prefix: str | None = Field(None, description="A value starts with this string (case-sensitive).")
+    regex: str | None = Field(None, description="A whole value matches this Python regular expression.")
+    present: bool | None = Field(None, description="true: there is a value, whatever it is; false: there is none.")
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        return None if value is None else _check_regex(value)
+
+    @model_validator(mode="after")
+    def _one(self) -> StringMatch:
+        if sum(value is not None for value in (self.exact, self.prefix, self.regex, self.present)) != 1:
+            raise ValueError("set exactly one of: exact, prefix, regex, present")
+        return self
+
+
+Matcher = Annotated[StringMatch, BeforeValidator(_string_match_shorthand)]
+"""A StringMatch, also accepted as a bare string meaning {exact: ...}."""
+
+
+class RouteMatch(_Model):
+    """What a request must have for its route to be taken: every condition given must hold; none given matches all."""
+
+    host: Annotated[list[Annotated[str, BeforeValidator(_check_host_pattern)]], BeforeValidator(_one_or_more)] = Field(
+        default_factory=list,
+        description="The request's authority (Host), without its port and ignoring case, is one of these: a name, "
+        "or *.suffix for any name ending in .suffix. A single name may be given as a string.",
+    )
+    path: RoutePath | None = Field(None, description="The path (without the query) equals this.")
+    path_prefix: RoutePath | None = Field(
+        None,
+        description="The path is this or continues it with '/': /api matches /api, /api/ and /api/v1, not /apis. "
+        "A trailing '/' is ignored; / matches every path.",
+    )
+    path_regex: str | None = Field(None, description="The whole path matches this Python regular expression.")
+    methods: list[Annotated[str, BeforeValidator(_check_method)]] = Field(
+        default_factory=list, description="The method is one of these (upper-case); empty: any method."
+    )
+    headers: Annotated[dict[MatchedHeader, Matcher], BeforeValidator(_distinct_names)] = Field(
+        default_factory=dict,
+        description="Header name -> condition; a header given several times matches if any of its values does.",
+    )
+    query: dict[str, Matcher] = Field(
+        default_factory=dict,
+        description="Query parameter -> condition on its decoded value; a parameter given several times matches if "
+        "any of its values does.",
+    )
+
+    @field_validator("path_regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        return None if value is None else _check_regex(value)
+
+    @model_validator(mode="after")
+    def _one_path_condition(self) -> RouteMatch:
+        given = [name for name in ("path", "path_prefix", "path_regex") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"set at most one of: path, path_prefix, path_regex (got {' and '.join(given)})")
+        return self
+
+
+class Destination(_Model):
+    """Where a route sends requests: a service with cluster settings (upstreams[] or clusters[]), or part of it."""
+
+    service: ServiceName = Field(description="The destination service: an upstreams[] or clusters[] service.")
+    subset: dict[str, str] = Field(
+        default_factory=dict,
+        description="Only the endpoints whose meta has every one of these key/value pairs (e.g. version: v2); "
+        "empty: all of them.",
+    )
+
+
+class WeightedDestination(_Model):
+    """One destination of a traffic split."""
+
+    to: Destination = Field(description="The destination.")
+    weight: int = Field(ge=0, description="Its share: weight / the sum of the split's weights.")
+
+
+class DirectResponse(_Model):
+    """An answer the sidecar gives itself, without any upstream."""
+
+    status: int = Field(ge=200, le=599, description="The response status.")
+    body: str = Field("", description="The response body (UTF-8).")
+    content_type: HeaderValue = Field("text/plain; charset=utf-8", description="The body's content-type.")
+
+    @model_validator(mode="after")
+    def _bodyless(self) -> DirectResponse:
+        if self.body and self.status in (204, 304):
+            raise ValueError(f"a {self.status} response has no body: leave body out")
+        return self
+
+
+class Redirect(_Model):
+    """Answer with a redirect to the request's URL with the given parts replaced."""
+
+    status: Literal[301, 302, 303, 307, 308] = Field(302, description="The redirect status.")
+    scheme: Literal["http", "https"] | None = Field(None, description="Replaces the scheme.")
+    host: Annotated[str, BeforeValidator(_check_redirect_host)] | None = Field(
+        None, description="Replaces the host (without a port: see port)."
+    )
+    port: int | None = Field(
+        None, ge=1, le=65535, description="The port; without it, a new scheme or host drops the request's port."
+    )
+    path: RoutePath | None = Field(None, description="Replaces the whole path (the query is kept).")
+    prefix_rewrite: RoutePath | None = Field(
+        None, description="Replaces the part of the path that match.path_prefix matched, as rewrite.prefix does."
+    )
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> Redirect:
+        if self.path is not None and self.prefix_rewrite is not None:
+            raise ValueError("set at most one of: path, prefix_rewrite")
+        if all(getattr(self, name) is None for name in ("scheme", "host", "port", "path", "prefix_rewrite")):
+            raise ValueError(
+                "set at least one of: scheme, host, port, path, prefix_rewrite (a redirect to the same URL would loop)"
+            )
+        return self
+
+
+class Mirror(_Model):
+    """Copies of requests sent to another destination; their responses are discarded."""
+
+    to: Destination = Field(description="Where the copies go.")
+    percent: float = Field(100.0, ge=0, le=100, description="The share of the route's requests that is copied.")
+
+
+class Rewrite(_Model):
+    """Changes to a request before it is forwarded."""
+
+    prefix: RoutePath | None = Field(
+        None,
+        description="Replaces the part of the path that match.path_prefix matched: with prefix /reviews, "
+        "rewrite /v2 sends /reviews/1 as /v2/1, and rewrite / sends it as /1 and /reviews as /.",
+    )
+    host: Annotated[str, BeforeValidator(_check_authority)] | None = Field(
+        None, description="Replaces the authority (Host or :authority), as host or host:port."
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> Rewrite:
+        if self.prefix is None and self.host is None:
+            raise ValueError("set at least one of: prefix, host")
+        return self
+
+
+class HeaderChanges(_Model):
+    """Header changes, applied in the order remove, set, add."""
+
+    add: Annotated[dict[ChangedHeader, HeaderValue], BeforeValidator(_distinct_names)] = Field(
+        default_factory=dict, description="Headers appended, beside any of the same name."
+    )
+    set: Annotated[dict[ChangedHeader, HeaderValue], BeforeValidator(_distinct_names)] = Field(
+        default_factory=dict, description="Headers that replace every header of the same name."
+    )
+    remove: list[ChangedHeader] = Field(default_factory=list, description="Headers removed (every value).")
+
+    @model_validator(mode="after")
+    def _each_name_once(self) -> HeaderChanges:
+        problems: list[_Problem] = []
+        seen: dict[str, str] = {}
+        named = [("remove", i, name) for i, name in enumerate(self.remove)]
+        named += [("set", name, name) for name in self.set] + [("add", name, name) for name in self.add]
+        for part, key, name in named:
+            if name in seen:
+                problems.append(((part, key), f"'{name}' is also in {seen[name]}: name each header in one place"))
+            else:
+                seen[name] = part
+        _raise_problems(problems)
+        return self
+
+
+class FaultAbort(_Model):
+    """Answer a share of the requests with an error instead of forwarding them."""
+
+    percent: float = Field(100.0, ge=0, le=100, description="The share of the route's requests that is aborted.")
+    status: int = Field(ge=400, le=599, description="The HTTP status of the answer.")
+    grpc_status: int | None = Field(
+        None, ge=1, le=16, description="For gRPC requests: the grpc-status of the answer (HTTP 200, trailers-only)."
+    )
+
+
+class FaultDelay(_Model):
+    """Hold a share of the requests before forwarding them."""
+
+    percent: float = Field(100.0, ge=0, le=100, description="The share of the route's requests that is delayed.")
+    duration: Duration = Field(description="How long they are held.")
+
+
+class Fault(_Model):
+    """Injected faults, for testing how callers cope; delay and abort are drawn independently."""
+
+    abort: FaultAbort | None = Field(None, description="Answer with an error instead of forwarding.")
+    delay: FaultDelay | None = Field(None, description="Wait before forwarding (or before the abort).")
+
+    @model_validator(mode="after")
+    def _something(self) -> Fault:
+        if self.abort is None and self.delay is None:
+            raise ValueError("set at least one of: abort, delay")
+        return self
+
+
+class RouteTimeouts(_Model):
+    """Time limits of one route's requests; a limit left out is the destination's."""
+
+    request: Duration | None = Field(
+        None, description="Replaces the destination's timeouts.request (retries included); 0 turns it off."
+    )
+    per_try: Duration | None = Field(
+        None, description="Replaces the destination's retries.per_try_timeout; 0 turns it off."
+    )
+
+
+_ACTIONS = ("to", "split", "direct_response", "redirect")
+_FORWARDING_ONLY = ("mirror", "rewrite", "request_headers", "timeouts", "retries", "hash_on")
+
+
+class Route(_Model):
+    """One route of a listener: requests that match are forwarded to its destination, or answered by it."""
+
+    name: Annotated[str, BeforeValidator(_check_route_name)] | None = Field(
+        None,
+        description="The route's name in metrics, logs and the admin API; unique in its listener. Default: "
+        "routes[<index>], which changes when routes are added above it.",
+    )
+    match: RouteMatch = Field(default_factory=RouteMatch, description="What a request must have; default: anything.")
+    to: Destination | None = Field(None, description="Forward to this destination.")
+    split: list[WeightedDestination] | None = Field(
+        None, description="Forward each request to one of these, in proportion to their weights."
+    )
+    direct_response: DirectResponse | None = Field(None, description="Answer without forwarding.")
+    redirect: Redirect | None = Field(None, description="Answer with a redirect.")
+    mirror: Mirror | None = Field(None, description="Also send copies of the requests here (responses discarded).")
+    rewrite: Rewrite | None = Field(None, description="Change the path prefix or the authority before forwarding.")
+    request_headers: HeaderChanges | None = Field(None, description="Header changes before forwarding.")
+    response_headers: HeaderChanges | None = Field(None, description="Header changes of the response to the client.")
+    fault: Fault | None = Field(None, description="Injected delays and errors (off by default).")
+    timeouts: RouteTimeouts | None = Field(None, description="Time limits replacing the destination's.")
+    retries: RetrySettings | None = Field(
+        None, description="Retry settings replacing the destination's (all of them) for this route's requests."
+    )
+    hash_on: HashOn | None = Field(
+        None, description="What a ring_hash or maglev destination hashes for this route, instead of its own hash_on."
+    )
+
+    @property
+    def action(self) -> str | None:
+        """to, split, direct_response or redirect: the action given; None: forward to the listener's service."""
+        return next((name for name in _ACTIONS if getattr(self, name) is not None), None)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Route:
+        problems: list[_Problem] = []
+        actions = [name for name in _ACTIONS if getattr(self, name) is not None]
+        if len(actions) > 1:
+            problems.append(
+                ((), f"set at most one of: to, split, direct_response, redirect (got {' and '.join(actions)})")
+            )
+        if self.split == []:
+            problems.append((("split",), "needs at least one destination"))
+        elif self.split is not None and sum(entry.weight for entry in self.split) == 0:
+            problems.append((("split",), "the weights add up to 0: give at least one destination a weight above 0"))
+        if self.match.path_prefix is None:
+            if self.rewrite is not None and self.rewrite.prefix is not None:
+                problems.append((("rewrite", "prefix"), "needs match.path_prefix: it replaces the matched prefix"))
+            if self.redirect is not None and self.redirect.prefix_rewrite is not None:
+                problems.append(
+                    (("redirect", "prefix_rewrite"), "needs match.path_prefix: it replaces the matched prefix")
+                )
+        answer = "direct_response" if self.direct_response is not None else "redirect" if self.redirect else None
+        if answer is not None:
+            problems += [
+                ((name,), f"only a route that forwards uses it, and this one answers with its {answer}")
+                for name in _FORWARDING_ONLY
+                if getattr(self, name) is not None
+            ]
+        if self.request_headers is not None:
+            changes = self.request_headers
+            located = [("add", "host")] * ("host" in changes.add) + [("set", "host")] * ("host" in changes.set)
+            located += [("remove", i) for i, name in enumerate(changes.remove) if name == "host"]
+            problems += [
+                (("request_headers", *loc), "change the authority (Host) with rewrite.host") for loc in located
+            ]
+        _raise_problems(problems)
+        return self
+
+
+def _route_list_problems(routes: list[Route]) -> list[_Problem]:
+    problems: list[_Problem] = []
+    named: dict[str, int] = {}
+    for i, route in enumerate(routes):
+        if route.name is None:
+            continue
+        if route.name in named:
+            problems.append((("routes", i, "name"), f"'{route.name}' is already used by routes[{named[route.name]}]"))
+        named.setdefault(route.name, i)
+    return problems
+
+
 class ServiceSettings(_Model):
     """The local application this sidecar sits beside."""
 
@@ -555,17 +1068,39 @@ class InboundSettings(_Model):
     timeouts: Timeouts = Field(default_factory=Timeouts, description="Time limits of inbound requests.")
     limits: Limits = Field(default_factory=Limits, description="Resource limits of the inbound listener.")
     pool: PoolSettings = Field(default_factory=PoolSettings, description="Connections kept to the local app.")
+    routes: list[Route] = Field(
+        default_factory=list,
+        description="L7 routes tried in order before requests reach the local app: rewrites, header changes, "
+        "timeouts, faults, direct responses and redirects; a request no route matches goes to the app unchanged.",
+    )
+
+    @model_validator(mode="after")
+    def _local_routes(self) -> InboundSettings:
+        problems = _route_list_problems(self.routes)
+        for i, route in enumerate(self.routes):
+            problems += [
+                (("routes", i, name), f"not allowed on the inbound: {_INBOUND_FORWARDS}")
+                for name in ("to", "split", "mirror", "retries", "hash_on")
+                if getattr(route, name) is not None
+            ]
+            if route.timeouts is not None and route.timeouts.per_try is not None:
+                problems.append((("routes", i, "timeouts", "per_try"), "not allowed on the inbound: it never retries"))
+        _raise_problems(problems)
+        return self
 
 
-class UpstreamSettings(_Model):
-    """A local listener the application calls to reach one mesh service."""
+_INBOUND_FORWARDS = "the inbound forwards only to the local app and never retries"
 
-    service: ServiceName = Field(description="The mesh service this listener leads to.")
-    bind: AddressField = Field(description="Local address the application calls for this service.")
+
+class ClusterFields(_Model):
+    """The settings of a destination service's cluster (its endpoints, connections and policies), shared by
+    upstreams[] and clusters[] entries."""
+
+    service: ServiceName | None = Field(None, description="The mesh service.")
     protocol: Literal["http", "http2", "grpc", "tcp"] = Field(
         "http",
         description="What the application speaks to the listener: http, http2 or grpc (HTTP/1.1 and HTTP/2 are both "
-        "accepted on any HTTP listener), or tcp.",
+        "accepted on any HTTP listener), or tcp (upstreams[] only); http2 and grpc make the mesh hop HTTP/2.",
     )
     mesh_http2: bool = Field(
         False,
@@ -580,9 +1115,7 @@ class UpstreamSettings(_Model):
         None,
         description="The SPIFFE ID the peers must present; default: the service's ID in this mesh.",
     )
-    upgrades: UpgradeList = Field(default_factory=lambda: ["websocket"])
     timeouts: Timeouts = Field(default_factory=Timeouts, description="Time limits of requests to this service.")
-    limits: Limits = Field(default_factory=Limits, description="Resource limits of this listener.")
     pool: PoolSettings = Field(default_factory=PoolSettings, description="Connections kept to peer sidecars.")
     balancer: BalancerSettings = Field(
         default_factory=BalancerSettings, description="How requests are spread over the endpoints."
@@ -598,6 +1131,89 @@ class UpstreamSettings(_Model):
         None, description="Send a second try for slow idempotent requests (off by default)."
     )
     health_check: HealthCheckSettings | None = Field(None, description="Active health checks (off by default).")
+
+
+_LISTENER_TIMEOUTS = ("request_headers", "idle")
+
+
+def _changed(model: BaseModel, names: tuple[str, ...]) -> list[str]:
+    """The fields among `names` whose values differ from their defaults (a dumped config, which spells out every
+    default, must read back)."""
+    fields = type(model).model_fields
+    return [name for name in names if getattr(model, name) != fields[name].get_default(call_default_factory=True)]
+
+
+class ClusterSettings(ClusterFields):
+    """A destination service that routes send requests to, with no listener of its own."""
+
+    service: ServiceName = Field(description="The mesh service.")
+
+    @field_validator("protocol")
+    @classmethod
+    def _http_only(cls, protocol: str) -> str:
+        if protocol == "tcp":
+            raise ValueError(
+                "a cluster receives routed HTTP requests: use http, http2 or grpc (a tcp service needs an "
+                "upstreams[] listener of its own)"
+            )
+        return protocol
+
+    @model_validator(mode="after")
+    def _no_listener_timeouts(self) -> ClusterSettings:
+        _raise_problems(
+            [
+                (("timeouts", name), "a cluster has no listener: the listener a request arrives on sets this")
+                for name in _changed(self.timeouts, _LISTENER_TIMEOUTS)
+            ]
+        )
+        return self
+
+
+class UpstreamSettings(ClusterFields):
+    """A local listener the application calls to reach one mesh service, or, with routes, several."""
+
+    service: ServiceName | None = Field(
+        None,
+        description="The mesh service this listener leads to; requests that no route matches go there. "
+        "Required unless routes are given; without it, a request that no route matches gets 404.",
+    )
+    bind: AddressField = Field(description="Local address the application calls for this service.")
+    upgrades: UpgradeList = Field(default_factory=lambda: ["websocket"])
+    limits: Limits = Field(default_factory=Limits, description="Resource limits of this listener.")
+    routes: list[Route] = Field(
+        default_factory=list,
+        description="L7 routes, tried in order: the first route whose conditions all hold takes the request; "
+        "without routes every request goes to service.",
+    )
+
+    @model_validator(mode="after")
+    def _routes_or_service(self) -> UpstreamSettings:
+        problems = _route_list_problems(self.routes)
+        if self.routes and self.protocol == "tcp":
+            problems.append((("routes",), "a tcp listener relays bytes and cannot route: use http, http2 or grpc"))
+        if self.service is None and not self.routes:
+            problems.append((("service",), "required field missing"))
+        elif self.service is None:
+            problems += [((name,), _NO_SERVICE) for name in _changed(self, _SERVICE_ONLY)]
+            problems += [(("timeouts", name), _NO_SERVICE) for name in _changed(self.timeouts, ("connect", "request"))]
+            problems += [
+                (
+                    ("routes", i),
+                    "needs to, split, direct_response or redirect: this listener has no service to "
+                    "send the requests it matches to",
+                )
+                for i, route in enumerate(self.routes)
+                if route.action is None
+            ]
+        _raise_problems(problems)
+        return self
+
+
+_NO_SERVICE = (
+    "applies to the listener's service, and this listener has none: set it on the upstreams[] or clusters[] entry "
+    "of each destination (a route's timeouts and retries replace the destination's)"
+)
+_SERVICE_ONLY = tuple(name for name in ClusterFields.model_fields if name not in ("service", "protocol", "timeouts"))
 
 
 class EndpointSpec(_Model):
@@ -892,6 +1508,9 @@ class SidecarConfig(_Model):
     service: ServiceSettings = Field(description="The local application this sidecar serves.")
     inbound: InboundSettings | None = Field(None, description="The listener for peers; null for a client-only sidecar.")
     upstreams: list[UpstreamSettings] = Field(default_factory=list, description="Services the application calls.")
+    clusters: list[ClusterSettings] = Field(
+        default_factory=list, description="Further services that routes send to, without listeners of their own."
+    )
     discovery: DiscoverySettings | None = Field(None, description="Where upstream endpoints come from.")
     consul: ConsulSettings | None = Field(
         None,
@@ -910,24 +1529,47 @@ class SidecarConfig(_Model):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> SidecarConfig:
-        problems = [*_conflicts(self), *_identity_missing(self), *_consul_defaults(self)]
-        if problems:
-            text = "\n".join(f"{_format_loc(loc)}: {message}" for loc, message in problems)
-            raise PydanticCustomError("config_conflict", text, {"problems": tuple(problems)})
+        _raise_problems([*_conflicts(self), *_route_problems(self), *_identity_missing(self), *_consul_defaults(self)])
         return self
+
+    def cluster_settings(self) -> dict[str, UpstreamSettings | ClusterSettings]:
+        """The cluster settings of every service that requests can be sent to, by service: the upstreams[] entries
+        that name a service, and the clusters[] entries."""
+        found: dict[str, UpstreamSettings | ClusterSettings] = {}
+        for entry in [*self.upstreams, *self.clusters]:
+            if entry.service is not None:
+                found.setdefault(entry.service, entry)
+        return found
 
 
 _Problem = tuple[tuple[str | int, ...], str]
 
 
+def _raise_problems(problems: list[_Problem]) -> None:
+    """Report problems found across fields, each at its own path below the model being validated."""
+    if problems:
+        text = "\n".join(f"{_format_loc(loc)}: {message}" for loc, message in problems)
+        raise PydanticCustomError("config_conflict", text, {"problems": tuple(problems)})
+
+
+def _destination_entries(cfg: SidecarConfig) -> list[tuple[tuple[str | int, ...], ClusterFields]]:
+    """(location, entry) of every upstreams[] entry with a service, then every clusters[] entry."""
+    entries: list[tuple[tuple[str | int, ...], ClusterFields]] = [
+        (("upstreams", i), upstream) for i, upstream in enumerate(cfg.upstreams) if upstream.service is not None
+    ]
+    return entries + [(("clusters", i), cluster) for i, cluster in enumerate(cfg.clusters)]
+
+
 def _conflicts(cfg: SidecarConfig) -> list[_Problem]:
     problems: list[_Problem] = []
-    first_use: dict[str, int] = {}
-    for i, upstream in enumerate(cfg.upstreams):
-        if upstream.service in first_use:
-            message = f"'{upstream.service}' is already configured by upstreams[{first_use[upstream.service]}]"
-            problems.append((("upstreams", i, "service"), message))
-        first_use.setdefault(upstream.service, i)
+    first_use: dict[str, tuple[str | int, ...]] = {}
+    for loc, entry in _destination_entries(cfg):
+        service = typing.cast(str, entry.service)
+        if service in first_use:
+            problems.append(
+                ((*loc, "service"), f"'{service}' is already configured by {_format_loc(first_use[service])}")
+            )
+        first_use.setdefault(service, loc)
 
     binds: list[tuple[tuple[str | int, ...], Address]] = []
     if cfg.inbound is not None:
@@ -945,17 +1587,65 @@ def _conflicts(cfg: SidecarConfig) -> list[_Problem]:
 
     if cfg.registration is not None and cfg.inbound is None:
         problems.append((("registration",), "needs inbound: the registration advertises the inbound listener"))
-    if cfg.upstreams and cfg.discovery is None:
-        problems.append((("discovery",), "required when upstreams are configured"))
+    destinations = _destination_entries(cfg)
+    if destinations and cfg.discovery is None:
+        configured = "upstreams are" if destinations[0][0][0] == "upstreams" else "clusters are"
+        problems.append((("discovery",), f"required when {configured} configured"))
     elif cfg.discovery is not None and cfg.discovery.static is not None:
-        for i, upstream in enumerate(cfg.upstreams):
-            if not cfg.discovery.static.get(upstream.service):
+        problems += [
+            ((*loc, "service"), f"no endpoints for '{entry.service}' in discovery.static")
+            for loc, entry in destinations
+            if not cfg.discovery.static.get(typing.cast(str, entry.service))
+        ]
+    return problems
+
+
+_HASHING = frozenset({"ring_hash", "maglev"})
+
+
+def _route_problems(cfg: SidecarConfig) -> list[_Problem]:
+    """Every destination a route names has cluster settings that can carry it; hash_on reaches a hashing balancer."""
+    problems: list[_Problem] = []
+    clusters = cfg.cluster_settings()
+
+    def known(loc: tuple[str | int, ...], destination: Destination) -> bool:
+        entry = clusters.get(destination.service)
+        if entry is None:
+            problems.append(
+                ((*loc, "service"), f"unknown service '{destination.service}': add it to upstreams[] or clusters[]")
+            )
+        elif entry.protocol == "tcp":
+            problems.append(
+                ((*loc, "service"), f"'{destination.service}' is a tcp upstream: routes carry HTTP requests")
+            )
+        return entry is not None
+
+    for i, upstream in enumerate(cfg.upstreams):
+        for j, route in enumerate(upstream.routes):
+            at: tuple[str | int, ...] = ("upstreams", i, "routes", j)
+            targets = [route.to] if route.to is not None else [entry.to for entry in route.split or ()]
+            located = [((*at, "to"), route.to)] if route.to is not None else []
+            located += [((*at, "split", k, "to"), entry.to) for k, entry in enumerate(route.split or ())]
+            located += [((*at, "mirror", "to"), route.mirror.to)] if route.mirror is not None else []
+            resolved = all([known(loc, destination) for loc, destination in located])
+            services = [target.service for target in targets]
+            if route.action is None and upstream.service is not None:
+                services = [upstream.service]
+            if (
+                route.hash_on is not None
+                and resolved
+                and not any(clusters[service].balancer.policy in _HASHING for service in services)
+            ):
                 problems.append(
-                    (
-                        ("upstreams", i, "service"),
-                        f"no endpoints for '{upstream.service}' in discovery.static",
-                    )
+                    ((*at, "hash_on"), "no destination of this route uses balancer policy ring_hash or maglev")
                 )
+    if cfg.inbound is not None and cfg.inbound.routes and cfg.service.protocol == "tcp":
+        problems.append(
+            (
+                ("inbound", "routes"),
+                "the local app speaks tcp (service.protocol): the inbound relays bytes and cannot route",
+            )
+        )
     return problems
 
 
@@ -990,9 +1680,7 @@ def _identity_missing(cfg: SidecarConfig) -> list[_Problem]:
     if cfg.inbound is not None and cfg.inbound.tls == "mutual":
         problems.append((("inbound", "tls"), IDENTITY_REQUIRED))
     problems += [
-        (("upstreams", i, "tls"), IDENTITY_REQUIRED)
-        for i, upstream in enumerate(cfg.upstreams)
-        if upstream.tls == "mutual"
+        ((*loc, "tls"), IDENTITY_REQUIRED) for loc, entry in _destination_entries(cfg) if entry.tls == "mutual"
     ]
     return problems
 

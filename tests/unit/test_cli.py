@@ -124,8 +124,8 @@ def test_console_command_reports_a_broken_file_without_a_traceback() -> None:
     assert result.stdout == ""
     assert result.stderr == (
         "broken-unknown-key.yaml: upstreams[0].timeout: unknown field 'timeout' "
-        "(allowed: service, bind, protocol, mesh_http2, tls, identity, upgrades, timeouts, limits, pool, balancer, "
-        "outlier, circuit_breakers, retries, hedging, health_check)\n"
+        "(allowed: service, protocol, mesh_http2, tls, identity, timeouts, pool, balancer, outlier, circuit_breakers, "
+        "retries, hedging, health_check, bind, upgrades, limits, routes)\n"
     )
 
 

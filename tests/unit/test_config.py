@@ -142,6 +142,7 @@ def test_defaults() -> None:
         "service": {"name": "web", "app": "127.0.0.1:8080", "protocol": "http"},
         "inbound": None,
         "upstreams": [],
+        "clusters": [],
         "discovery": None,
         "consul": None,
         "registration": None,
@@ -194,6 +195,7 @@ def test_upstream_defaults_are_dumped_in_their_compact_forms() -> None:
             "attempts": 2,
             "on": ["connect_failure", "reset", "per_try_timeout"],
             "statuses": [502, 503, 504],
+            "grpc_statuses": ["unavailable"],
             "methods": "idempotent",
             "per_try_timeout": "0s",
             "backoff_base": "25ms",
@@ -204,6 +206,7 @@ def test_upstream_defaults_are_dumped_in_their_compact_forms() -> None:
         },
         "hedging": None,
         "health_check": None,
+        "routes": [],
     }
 
 
@@ -365,8 +368,8 @@ def test_bad_addresses(value: str, message: str) -> None:
             "broken-unknown-key.yaml",
             [
                 "upstreams[0].timeout: unknown field 'timeout' "
-                "(allowed: service, bind, protocol, mesh_http2, tls, identity, upgrades, timeouts, limits, pool, "
-                "balancer, outlier, circuit_breakers, retries, hedging, health_check)"
+                "(allowed: service, protocol, mesh_http2, tls, identity, timeouts, pool, balancer, outlier, "
+                "circuit_breakers, retries, hedging, health_check, bind, upgrades, limits, routes)"
             ],
         ),
         ("broken-protocol.yaml", ["upstreams[0].protocol: must be one of: 'http', 'http2', 'grpc', 'tcp' (got 'udp')"]),
@@ -430,7 +433,7 @@ log: {access_log: maybe}
             MINIMAL + "colour: blue\n",
             [
                 "colour: unknown field 'colour' "
-                "(allowed: mesh, service, inbound, upstreams, discovery, consul, registration, identity, admin, log, "
+                "(allowed: mesh, service, inbound, upstreams, clusters, discovery, consul, registration, identity, admin, log, "
                 "shutdown)"
             ],
         ),
