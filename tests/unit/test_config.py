@@ -433,8 +433,8 @@ log: {access_log: maybe}
             MINIMAL + "colour: blue\n",
             [
                 "colour: unknown field 'colour' "
-                "(allowed: mesh, service, inbound, upstreams, clusters, discovery, consul, registration, identity, admin, log, "
-                "shutdown)"
+                "(allowed: mesh, service, inbound, upstreams, clusters, discovery, consul, registration, identity, "
+                "admin, log, shutdown)"
             ],
         ),
         ("service: {name: web, name: api, app: 127.0.0.1:1}\n", ["line 1, column 22: duplicate key 'name'"]),
