@@ -36,6 +36,8 @@ from mesh.watch import Watch
 # The upstream end of one exchange: an HTTP/1.1 connection or a stream of an HTTP/2 one; both speak the neutral
 # exchange (send_request, send_body, send_end, next_event, read_more, close).
 Upstream = UpstreamConnection | H2Exchange
+# Endpoint meta items a route's destination requires (e.g. (("version", "v2"),)); () for every endpoint.
+Subset = tuple[tuple[str, str], ...]
 
 _HASH_POLICIES = frozenset({"ring_hash", "maglev"})
 
@@ -87,18 +89,20 @@ class Cluster:
             else None
         )
         self.breaker = CircuitBreaker(circuit_breakers or CircuitBreakers())
-        self.retry = RetryPolicy(retries, clock=trio.current_time) if retries and retries.attempts else None
+        self.retry_counts: dict[str, int] = {}  # retries by reason, of every route that sends here
+        self.budget: RetryBudget | None = None  # the retry budget every route that sends here spends
+        self.retry = self.retry_policy(retries) if retries and retries.attempts else None
         self.hedging = hedging
         self.health_check = health_check
         self.health = HealthTracker(health_check) if health_check is not None else None
         self.hedges: dict[str, int] | None = None  # {"sent": n, "won": n} when hedging is on
         self.latency: LatencyWindow | None = None  # recent response-head latencies, for a p95 hedge delay
-        self.budget = self.retry.budget if self.retry is not None else None
         if hedging is not None:
             self.hedges = {"sent": 0, "won": 0}
             self.latency = LatencyWindow() if hedging.delay == "p95" else None
             if self.budget is None:  # hedges are paid from the retry budget, even with retries off
                 self.budget = RetryBudget((retries or RetrySettings()).budget, clock=trio.current_time)
+        self._subsets: dict[Subset, tuple[tuple[Endpoint, ...], tuple[Endpoint, ...]]] = {}
         self.connect_timeout = connect_timeout
         self.metrics = metrics
         self.pool: IdlePool[UpstreamConnection] = IdlePool(
@@ -112,11 +116,19 @@ class Cluster:
         count = len(current.endpoints) if current else None
         return f"<Cluster {self.name} endpoints={count} {self.pool!r}>"
 
-    def pick(self, hash_key: bytes | None = None, avoid: list[Endpoint] | None = None) -> Endpoint:
-        """An endpoint for the next request: discovery's set, minus ejected endpoints, through the balancer.
+    def retry_policy(self, rules: RetrySettings) -> RetryPolicy:
+        """A retry policy with `rules` (the cluster's own, or a route's) that spends this cluster's retry budget
+        and counts its retries in this cluster's metrics."""
+        if self.budget is None:
+            self.budget = RetryBudget(rules.budget, clock=trio.current_time)
+        return RetryPolicy(rules, clock=trio.current_time, budget=self.budget, counts=self.retry_counts)
+
+    def pick(self, hash_key: bytes | None = None, avoid: list[Endpoint] | None = None, subset: Subset = ()) -> Endpoint:
+        """An endpoint for the next request: discovery's set (only those whose meta has every `subset` item),
+        minus ejected endpoints, through the balancer.
 
         A retry passes the endpoints already tried in `avoid`; they are left out while any other remains."""
-        endpoints = self._usable()
+        endpoints = self._usable(subset)
         if avoid:
             keys = {e.key for e in avoid}
             others = [e for e in endpoints if e.key not in keys]
@@ -131,23 +143,39 @@ class Cluster:
             raise no_endpoints(resolved=True)
         return endpoint
 
-    def _usable(self) -> tuple[Endpoint, ...] | list[Endpoint]:
-        """Discovery's endpoints minus those health checks fail and those outlier detection ejects (unless all are)."""
+    def _usable(self, subset: Subset = ()) -> tuple[Endpoint, ...] | list[Endpoint]:
+        """Discovery's endpoints (of the subset) minus those health checks fail and those outlier detection ejects
+        (unless all are)."""
         current = self.endpoints.value
         if current is None:
             raise no_endpoints(resolved=False)
         endpoints = current.endpoints
+        if subset:
+            endpoints = self._subset(endpoints, subset)
         if self.health is not None:  # before ejection, so that a panic only brings back endpoints that answer probes
             endpoints = self.health.usable(endpoints)
         if self.outlier is not None:
             endpoints, _panic = self.outlier.usable(endpoints)
         return endpoints
 
-    def has_other(self, avoid: list[Endpoint]) -> bool:
+    def _subset(self, endpoints: tuple[Endpoint, ...], subset: Subset) -> tuple[Endpoint, ...]:
+        """The endpoints whose meta has every item of `subset`, worked out once per endpoint set."""
+        cached = self._subsets.get(subset)
+        if cached is not None and cached[0] is endpoints:
+            chosen = cached[1]
+        else:
+            chosen = tuple(e for e in endpoints if all(e.meta.get(key) == value for key, value in subset))
+            self._subsets[subset] = (endpoints, chosen)
+        if not chosen:
+            label = ",".join(f"{key}={value}" for key, value in subset)
+            raise MeshError(503, f"no healthy endpoints in subset {label}", "no_healthy_endpoints")
+        return chosen
+
+    def has_other(self, avoid: list[Endpoint], subset: Subset = ()) -> bool:
         """Some usable endpoint is not among `avoid` (a retry that must not go back to one of them can go on)."""
         keys = {e.key for e in avoid}
         try:
-            return any(e.key not in keys for e in self._usable())
+            return any(e.key not in keys for e in self._usable(subset))
         except MeshError:
             return False
 

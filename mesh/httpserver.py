@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import trio
 
-from mesh.h2proxy import H2Downstream
-from mesh.proxy import READ_SIZE, Downstream, HttpProxy
+from mesh.h1server import H1Downstream
+from mesh.h2server import H2Downstream
+from mesh.proxy import READ_SIZE, HttpProxy
 from mesh.stream import STREAM_ERRORS
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -48,7 +49,7 @@ class HttpServer:
             if http2:
                 await H2Downstream(proxy, accepted, initial, head_deadline).serve()
             else:
-                await Downstream(proxy, accepted, initial).serve()
+                await H1Downstream(proxy, accepted, initial).serve()
         finally:
             accepted.stream.close()
             metrics.connection_closed(settings.direction, settings.upstream)

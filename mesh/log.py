@@ -214,8 +214,10 @@ class AccessLog:
         tx: int,
         mesh_error: str | None,
         request_id: str | None,
+        route: str = "",
     ) -> None:
         if self.enabled:
+            extra = {"route": route} if route else {}  # only listeners with routes name one
             self.logger.info(
                 "request",
                 direction=direction,
@@ -230,6 +232,7 @@ class AccessLog:
                 tx=tx,
                 mesh_error=mesh_error,
                 request_id=request_id,
+                **extra,
             )
 
     def tcp(

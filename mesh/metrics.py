@@ -391,11 +391,10 @@ class _ClusterCollector:
                 by_health[health] = by_health.get(health, 0) + 1
             for health, count in sorted(by_health.items()):
                 endpoints.add_metric([name, health], count)
-            retry = cluster.retry
-            if retry is not None:
-                for reason, count in sorted(retry.retries.items()):
-                    retries.add_metric([name, reason], count)
-                exhausted.add_metric([name], retry.budget.exhausted)
+            for reason, count in sorted(cluster.retry_counts.items()):
+                retries.add_metric([name, reason], count)
+            if cluster.retry is not None and cluster.budget is not None:
+                exhausted.add_metric([name], cluster.budget.exhausted)
             outlier = cluster.outlier
             if outlier is not None:
                 ejections.add_metric([name], outlier.ejections_total)

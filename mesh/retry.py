@@ -7,6 +7,8 @@ from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Protocol
 
+from mesh.config import GRPC_STATUS_CODES
+
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 """RFC 9110 idempotent methods: a request that may have run is re-sent only with one of these (DESIGN rule 2)."""
 
@@ -104,6 +106,7 @@ class RetryRules(Protocol):
     attempts: int
     on: list[str]
     statuses: list[int]
+    grpc_statuses: list[str]
     methods: str
     per_try_timeout: float
     backoff_base: float
@@ -121,10 +124,21 @@ class RetryPolicy:
     may have run only if its method is idempotent or the upstream declares every request safe (`methods: all`).
     A body is re-sent only if the whole of it was buffered and is at most `max_body_bytes`."""
 
-    def __init__(self, rules: RetryRules, *, clock: Callable[[], float], rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        rules: RetryRules,
+        *,
+        clock: Callable[[], float],
+        rng: random.Random | None = None,
+        budget: RetryBudget | None = None,
+        counts: dict[str, int] | None = None,
+    ) -> None:
         self.attempts = rules.attempts
         self.on = frozenset(rules.on)
         self.statuses = frozenset(rules.statuses)
+        # gRPC answers errors with HTTP 200 and a grpc-status; one in the response head (a "trailers-only"
+        # response, how servers refuse a call) is retried if its code is listed. Values as they arrive: b"14".
+        self.grpc_statuses = frozenset(b"%d" % GRPC_STATUS_CODES[name] for name in rules.grpc_statuses)
         self.all_methods = rules.methods == "all"
         self.per_try_timeout = rules.per_try_timeout
         self.max_body_bytes = rules.max_body_bytes
@@ -132,8 +146,9 @@ class RetryPolicy:
         self._cap = rules.backoff_max
         self._retry_after_max = rules.retry_after_max
         self._uniform = (rng or random.Random()).uniform
-        self.budget = RetryBudget(rules.budget, clock=clock)
-        self.retries: dict[str, int] = {}  # by reason: connect_failure, reset, per_try_timeout, status_503, ...
+        # The budget and counts are the destination cluster's, shared by every route's policy for it.
+        self.budget = budget if budget is not None else RetryBudget(rules.budget, clock=clock)
+        self.retries: dict[str, int] = counts if counts is not None else {}  # by reason: reset, status_503, ...
 
     def __repr__(self) -> str:
         return f"<RetryPolicy attempts={self.attempts} {self.budget!r}>"
@@ -161,6 +176,14 @@ class RetryPolicy:
 
     def count(self, reason: str) -> None:
         self.retries[reason] = self.retries.get(reason, 0) + 1
+
+
+def grpc_status(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The `grpc-status` of a response head (a trailers-only gRPC response), None if it has none."""
+    for name, value in headers:
+        if name == b"grpc-status":
+            return value
+    return None
 
 
 def parse_retry_after(value: bytes, now_unix: float) -> float | None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 from types import SimpleNamespace
 
-from mesh.cluster import UpstreamConnection
 from mesh.discovery import Endpoint
+from mesh.h1upstream import UpstreamConnection
 
 
 def connection() -> tuple[UpstreamConnection, socket.socket, socket.socket]:

@@ -10,14 +10,17 @@ import pytest
 import structlog
 import trio
 
-from mesh.cluster import Cluster, UpstreamConnection
+from mesh.cluster import Cluster
 from mesh.config import BalancerSettings, Limits, PoolSettings, Timeouts
 from mesh.discovery import Endpoint, EndpointSet
+from mesh.h1server import H1Downstream
+from mesh.h1upstream import UpstreamConnection
 from mesh.httpserver import HttpServer
 from mesh.listener import Drain
 from mesh.log import AccessLog
 from mesh.metrics import Metrics
-from mesh.proxy import Downstream, Exchange, HttpProxy, HttpProxySettings
+from mesh.pipeline.exchange import Exchange
+from mesh.proxy import HttpProxy, HttpProxySettings
 from mesh.timers import Sweeper
 from mesh.watch import Watch
 
@@ -101,9 +104,9 @@ async def test_ten_thousand_mesh_errors_leave_no_proxy_objects_alive(code: str) 
     if endpoints == "refused":
         endpoints = EndpointSet((Endpoint("127.0.0.1", closed_port()),), updated_at=time.time(), source="static")
     proxy, metrics = proxy_for(endpoints)
-    before = {kind: live(kind) for kind in (Downstream, Exchange, UpstreamConnection)}
+    before = {kind: live(kind) for kind in (H1Downstream, Exchange, UpstreamConnection)}
     await run_requests(proxy, request, expect)
-    after = {kind: live(kind) for kind in (Downstream, Exchange, UpstreamConnection)}
+    after = {kind: live(kind) for kind in (H1Downstream, Exchange, UpstreamConnection)}
     assert after == before  # each failure raised its own exception: no shared traceback holds their frames
     errors = [
         line

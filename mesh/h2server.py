@@ -1,4 +1,4 @@
-"""HTTP/2 downstream connections (h2c with prior knowledge): each stream one exchange of the HTTP proxy."""
+"""HTTP/2 downstream connections (h2c with prior knowledge, or ALPN h2): each stream one exchange of the pipeline."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from h2.errors import ErrorCodes
 
 from mesh import message
 from mesh.cluster import Upstream
-from mesh.errors import UpstreamLost, grpc_error_headers
+from mesh.errors import MeshError, UpstreamLost, grpc_error_headers, is_grpc
 from mesh.h2io import WRITE_BUDGET, SessionWriter
 from mesh.http1 import ProtocolError
 from mesh.http2 import (
@@ -27,14 +27,8 @@ from mesh.http2 import (
     to_http1_headers,
 )
 from mesh.message import END, RequestHead, ResponseHead
-from mesh.proxy import (
-    READ_SIZE,
-    BodyPump,
-    Downstream,
-    DownstreamGone,
-    Exchange,
-    HttpProxy,
-)
+from mesh.pipeline.exchange import IDLE, STALL, DownstreamGone, Exchange, answer_expired, record, serve_exchange
+from mesh.proxy import READ_SIZE, HttpProxy
 from mesh.stream import STREAM_ERRORS
 from mesh.timers import INF
 from mesh.transport import Accepted
@@ -49,13 +43,14 @@ _GONE_CODES = {"client_reset": "client_gone", "connection_lost": "client_gone", 
 
 class H2Downstream(SessionWriter):
     """One HTTP/2 client connection. A reader task feeds the sans-io `H2Session`; each request becomes an
-    `_H2Stream` task that runs the same exchange as an HTTP/1.1 request (authorisation, deadlines, balancing,
-    retries, the HTTP/1.1 upstream pool), then writes the response as HTTP/2 frames within the stream's flow-control
-    window and the connection's write budget. One writer task owns the socket's send side. The first request head
-    must be complete by `head_deadline` (trio clock: `timeouts.request_headers` after the connection was accepted,
-    preface included), and every later header block within `timeouts.request_headers` of its first byte; else
-    GOAWAY and close. A drain sends GOAWAY and lets open streams finish. Every request stream is recorded once:
-    answered, or counted in `mesh_requests_unanswered_total` and logged. The caller closes the stream."""
+    `_H2Stream` task that runs the listener's pipeline, as an HTTP/1.1 request does (authorisation, routes,
+    deadlines, balancing, retries, the upstream pool), then writes the response as HTTP/2 frames within the
+    stream's flow-control window and the connection's write budget. One writer task owns the socket's send side.
+    The first request head must be complete by `head_deadline` (trio clock: `timeouts.request_headers` after the
+    connection was accepted, preface included), and every later header block within `timeouts.request_headers` of
+    its first byte; else GOAWAY and close. A drain sends GOAWAY and lets open streams finish. Every request stream
+    is recorded once: answered, or counted in `mesh_requests_unanswered_total` and logged. The caller closes the
+    stream."""
 
     def __init__(self, proxy: HttpProxy, accepted: Accepted, initial: bytes, head_deadline: float) -> None:
         self.proxy = proxy
@@ -68,8 +63,8 @@ class H2Downstream(SessionWriter):
         self.streams: dict[int, _H2Stream] = {}
         self._init_writer()
         self._window = trio.Event()  # set (and replaced) whenever a send window grows
-        self._streams_done = trio.Event()  # set while no stream is open
-        self._streams_done.set()
+        self.streams_done = trio.Event()  # set while no stream is open
+        self.streams_done.set()
         self._reading = trio.CancelScope()  # the reader loop, ended by a finished drain
         self._out = b""  # our connection preface, for the writer
         try:
@@ -142,7 +137,7 @@ class H2Downstream(SessionWriter):
         self.session.goaway(ErrorCodes.NO_ERROR, "draining")
         self.flush()
         while self.streams:
-            await self._streams_done.wait()
+            await self.streams_done.wait()
         self._reading.cancel()  # streams are done: stop reading; `serve` sends what is queued and closes
 
     def _send_failed(self) -> None:
@@ -243,8 +238,8 @@ class H2Downstream(SessionWriter):
         )
         stream = _H2Stream(self, request.stream_id, head)
         self.streams[request.stream_id] = stream
-        if self._streams_done.is_set():
-            self._streams_done = trio.Event()
+        if self.streams_done.is_set():
+            self.streams_done = trio.Event()
         if request.end_stream:
             stream.body.push(StreamEnd(request.stream_id))
         self.nursery.start_soon(stream.run)
@@ -303,12 +298,35 @@ class _H2Body:
         return None
 
 
-class _H2Stream(Downstream):
-    """One HTTP/2 stream served by the HTTP/1.1 exchange of `Downstream`; only reading the body and writing the
-    response differ. A stream that ends before any response (`gone`) is recorded by `_finish`: status 0, its
-    reason in the access log's mesh_error and in mesh_requests_unanswered_total."""
+class _H2Stream:
+    """One HTTP/2 stream: one exchange through the listener's pipeline, whose `Downstream` (mesh.pipeline.exchange)
+    it is: it reads the request body from the stream's DATA frames and writes the response as HEADERS, DATA and
+    trailers within the stream's flow-control window and the connection's write budget. A stream that ends
+    before any response (`gone`) is recorded by `finish`: status 0, its reason in the access log's mesh_error and
+    in mesh_requests_unanswered_total."""
 
-    __slots__ = ("body", "cancel", "conn", "ended", "ended_as", "expired", "head", "responded", "stream_id")
+    __slots__ = (
+        "accepted",
+        "body",
+        "cancel",
+        "conn",
+        "deadline",
+        "ended",
+        "ended_as",
+        "exchange",
+        "expired",
+        "head",
+        "limits",
+        "peer_ip",
+        "proxy",
+        "reader",
+        "responded",
+        "stream",
+        "stream_id",
+        "timeouts",
+        "upstream",
+        "waiting_for",
+    )
 
     def __init__(self, conn: H2Downstream, stream_id: int, head: RequestHead) -> None:
         proxy = conn.proxy
@@ -319,10 +337,10 @@ class _H2Stream(Downstream):
         self.stream = conn.stream
         self.accepted = conn.accepted
         self.deadline = INF
-        self.waiting_for = 0
+        self.waiting_for = IDLE
         self.cancel = trio.CancelScope()  # one scope per stream (each costs microseconds): reset, loss, timeout
         self.expired = False  # … and this tells a timeout (the sweeper's `expire`) from the others
-        self.exchange = None
+        self.exchange: tuple[RequestHead, Exchange, float] | None = None
         self.upstream: Upstream | None = None
         self.timeouts = proxy.settings.timeouts
         self.limits = proxy.settings.limits
@@ -333,11 +351,14 @@ class _H2Stream(Downstream):
         self.ended_as = ""  # … and its mesh_requests_unanswered_total reason
         self.responded = False  # a response head went to the session
 
+    def __repr__(self) -> str:
+        return f"<H2Stream {self.stream_id} {self.head.method.decode()} {self.head.target.decode()!r}>"
+
     def expire(self) -> None:
         self.expired = True
         self.cancel.cancel()
 
-    def _client_left(self) -> bool:
+    def client_left(self) -> bool:
         return bool(self.ended)
 
     def gone(self, cause: str, why: str = "") -> None:
@@ -353,11 +374,11 @@ class _H2Stream(Downstream):
         sweeper.add(self)
         try:
             with self.cancel:
-                await self._exchange(self.head)
-            if self.cancel.cancelled_caught and self.expired and not self.ended:  # the deadline ended it
-                self.cancel = trio.CancelScope()
+                await serve_exchange(self, self.head)
+            if self.cancel.cancelled_caught and self.expired and not self.ended and self.exchange is not None:
+                self.cancel = trio.CancelScope()  # the deadline ended it: answer for it
                 with self.cancel:
-                    await self._timed_out()
+                    await answer_expired(self)
         finally:
             sweeper.discard(self)
             if self.upstream is not None:
@@ -367,17 +388,17 @@ class _H2Stream(Downstream):
             conn.flush()
             conn.streams.pop(self.stream_id, None)
             if not conn.streams:
-                conn._streams_done.set()
+                conn.streams_done.set()
             if self.exchange is not None:  # cancelled mid-exchange (by `gone`, or with the connection): record it
                 if not self.ended:
                     self.ended, self.ended_as = _GONE["connection_lost"], "connection_lost"
                 head, ex, start = self.exchange
                 if not ex.mesh_error:
                     ex.mesh_error, ex.error_code = self.ended, _GONE_CODES[self.ended_as]
-                self._finish(head, ex, start)
+                self.finish(head, ex, start)
 
-    async def _body_event(self) -> object:
-        """The next request body event; the caller keeps the stream's deadline (waiting_for _BODY), so a body
+    async def body_event(self) -> object:
+        """The next request body event; the caller keeps the stream's deadline (waiting_for BODY), so a body
         that stalls is answered 408 as on HTTP/1.1 (as Envoy's stream idle timeout does)."""
         body = self.body
         while True:
@@ -389,12 +410,23 @@ class _H2Stream(Downstream):
             body.arrived = trio.Event()
             await body.arrived.wait()
 
-    async def _send_informational(self, event: ResponseHead) -> None:
+    def response_begins(self, ex: Exchange) -> None:
+        ex.response_started = True
+        self.waiting_for = STALL
+
+    async def send_informational(self, response: ResponseHead) -> None:
         pass  # 1xx heads are not passed on over HTTP/2 (no Expect: 100-continue is forwarded from it)
 
-    async def _send_error(self, status: int, reason: str, *, close: bool, grpc: bool = False) -> bool:
-        if grpc:  # "trailers-only": one HEADERS frame that ends the stream
-            return await self._respond([(b":status", b"200"), *grpc_error_headers(status, reason)], b"")
+    async def upgraded(self, head: RequestHead, response: ResponseHead, conn: Upstream, ex: Exchange) -> bool:
+        raise MeshError(502, "upstream switched protocols on an HTTP/2 stream", "invalid_response")
+
+    async def send_mesh_error(self, status: int, reason: str, head: RequestHead, ex: Exchange) -> bool:
+        ex.status = status
+        self.response_begins(ex)  # whatever happens next, this request has had its one answer
+        self.deadline = trio.current_time() + self.timeouts.idle
+        if is_grpc(head.headers):  # "trailers-only": one HEADERS frame that ends the stream
+            await self._respond([(b":status", b"200"), *grpc_error_headers(status, reason)], b"")
+            return False
         body = f"{reason}\n".encode()
         headers: Headers = [
             (b":status", b"%d" % status),
@@ -402,16 +434,27 @@ class _H2Stream(Downstream):
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", b"%d" % len(body)),
         ]
-        return await self._respond(headers, body)
+        await self._respond(headers, body)
+        return False
 
-    def _finish(self, head: RequestHead, ex: Exchange, start: float) -> None:
+    async def send_response(self, status: int, headers: Headers, body: bytes, head: RequestHead, ex: Exchange) -> bool:
+        ex.status = status
+        ex.tx += len(body)
+        self.response_begins(ex)
+        self.deadline = trio.current_time() + self.timeouts.idle
+        fields: Headers = [(b":status", b"%d" % status), *headers, (b"content-length", b"%d" % len(body))]
+        await self._respond(fields, b"" if head.method == b"HEAD" else body)
+        return False
+
+    def finish(self, head: RequestHead, ex: Exchange, start: float) -> None:
         """Record the exchange; one whose stream ended before a response head was sent counts as unanswered."""
         if self.ended_as and not self.responded:  # the client got nothing: not a response of the mesh's either
             ex.status = 0
             ex.mesh_error, ex.error_code = self.ended, _GONE_CODES[self.ended_as]
             settings = self.proxy.settings
-            self.proxy.metrics.request_unanswered(settings.direction, settings.upstream, self.ended_as)
-        super()._finish(head, ex, start)
+            upstream = ex.destination or settings.upstream
+            self.proxy.metrics.request_unanswered(settings.direction, upstream, self.ended_as)
+        record(self, head, ex, start)
 
     async def _respond(self, headers: Headers, body: bytes) -> bool:
         conn = self.conn
@@ -427,9 +470,7 @@ class _H2Stream(Downstream):
                 return False
         return True
 
-    async def _stream_response(
-        self, head: RequestHead, response: ResponseHead, conn: Upstream, ex: Exchange, pump: BodyPump | None
-    ) -> bool:
+    async def stream_response(self, head: RequestHead, response: ResponseHead, conn: Upstream, ex: Exchange) -> bool:
         h2 = self.conn
         headers: Headers = [(b":status", b"%d" % response.status), *response.headers]
         if response.content_length is not None and response.has_body:
@@ -439,7 +480,7 @@ class _H2Stream(Downstream):
             conn.next_event()  # END
         if self.ended or h2.session.closed:
             raise DownstreamGone(self.ended or _GONE["connection_lost"])
-        self._response_begins(ex)
+        self.response_begins(ex)
         self.responded = True
         h2.session.send_headers(self.stream_id, headers, end_stream=complete)
         h2.flush()
@@ -475,5 +516,4 @@ class _H2Stream(Downstream):
                 event = following
                 continue
             event = None
-        await self._hand_back(head, response, conn, ex, pump)
         return False
