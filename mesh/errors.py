@@ -6,8 +6,10 @@ from __future__ import annotations
 # reason (which may name a caller, an endpoint or a parser message) goes to `x-mesh-error` and the logs only.
 REASON_CODES = frozenset(
     {
-        "bad_request",  # 400: the request cannot be framed safely (smuggling checks, malformed HTTP)
+        "bad_request",  # 400: the request cannot be framed safely (smuggling checks, malformed HTTP, a refused path)
         "denied",  # 403: the caller's identity is not allowed
+        "no_route",  # 404: no route of the listener takes the request
+        "fault_injected",  # a route's fault injection answered the request itself
         "method_not_allowed",  # 405
         "header_timeout",  # 408: the request head did not arrive in time
         "body_too_large",  # 413
@@ -121,11 +123,12 @@ def grpc_message(reason: str) -> bytes:
     )
 
 
-def grpc_error_headers(status: int, reason: str) -> list[tuple[bytes, bytes]]:
-    """The fields of a gRPC "trailers-only" answer to a mesh error (sent with HTTP status 200)."""
+def grpc_error_headers(status: int, reason: str, code: int | None = None) -> list[tuple[bytes, bytes]]:
+    """The fields of a gRPC "trailers-only" answer to a mesh error (sent with HTTP status 200); `code` overrides
+    the gRPC status `status` maps to."""
     return [
         (b"content-type", GRPC_CONTENT_TYPE),
-        (b"grpc-status", b"%d" % grpc_status(status, reason)),
+        (b"grpc-status", b"%d" % (grpc_status(status, reason) if code is None else code)),
         (b"grpc-message", grpc_message(reason)),
         (b"x-mesh-error", reason.encode()),
     ]

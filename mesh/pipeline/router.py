@@ -359,6 +359,22 @@ class Route:
         targets = ", ".join(destination.label for destination in self.destinations)
         return f"<Route {self.name!r} {self.action.value}{f' to {targets}' if targets else ''}>"
 
+    @property
+    def has_faults(self) -> bool:
+        """The route delays or aborts some requests."""
+        return self._abort is not None or self._delay is not None
+
+    @property
+    def changes_request(self) -> bool:
+        """The route rewrites the path or host, or changes request headers."""
+        changes = (self._rewrite_prefix, self.rewrite_authority, self._request_changes)
+        return any(change is not None for change in changes)
+
+    @property
+    def changes_response(self) -> bool:
+        """The route changes response headers."""
+        return self._response_changes is not None
+
     def _matches(self, request: _Request) -> bool:
         return all(condition(request) for condition in self._conditions)
 
@@ -472,6 +488,11 @@ class RouteTable:
             if route._matches(request):
                 return route
         return None
+
+    @property
+    def all_routes(self) -> tuple[Route, ...]:
+        """The configured routes, then the implicit `default` route when the table has a default."""
+        return self._candidates
 
     def destinations(self) -> frozenset[Destination]:
         """Every destination the routes may send requests to: their destinations (zero-weight split entries
