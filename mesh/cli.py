@@ -6,6 +6,7 @@ import argparse
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -114,8 +115,9 @@ def _add_sidecar(commands: _Commands) -> None:
         help="run a sidecar from a config file",
         description=(
             "Load the configuration and run the sidecar (its inbound listener, upstream listeners and admin "
-            "listener) until it is stopped with SIGINT or SIGTERM, which drain it first. SIGHUP is logged and "
-            "ignored: the configuration is not reloaded, so restart the sidecar to apply a changed file."
+            "listener) until it is stopped with SIGINT or SIGTERM, which drain it first. SIGHUP (or POST /reload "
+            "on the admin listener) reloads the file: a valid change applies without dropping connections, an "
+            "invalid one is refused and logged while the running configuration keeps serving."
         ),
         examples=["mesh sidecar run --config sidecar.yaml"],
     )
@@ -204,7 +206,7 @@ def _sidecar_run(args: argparse.Namespace) -> int:
         return 1
     from sidecar import app  # lazily: mesh/ must not import sidecar/ at module level
 
-    return app.run(config)
+    return app.run(config, source=Path(args.config))
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from http import HTTPStatus
 
 import httptools
 
@@ -500,22 +501,7 @@ def simple_response(
     return response_head_bytes(status, REASONS.get(status, "").encode("latin-1"), all_headers) + body
 
 
-REASONS = {
-    100: "Continue",
-    101: "Switching Protocols",
-    200: "OK",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    413: "Content Too Large",
-    417: "Expectation Failed",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-    505: "HTTP Version Not Supported",
-}
+# Reason phrases of the responses the mesh makes itself (any status a route's direct response or redirect may use).
+# RFC 9110's names where they differ from Python's older ones (413, 422).
+REASONS = {status.value: status.phrase for status in HTTPStatus}
+REASONS |= {413: "Content Too Large", 422: "Unprocessable Content"}

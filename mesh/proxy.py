@@ -105,6 +105,16 @@ class HttpProxy:
     def __repr__(self) -> str:
         return f"<HttpProxy {self.settings.direction} {self.settings.upstream} {self.pipeline!r}>"
 
+    def adopt(self, other: HttpProxy) -> None:
+        """Serve from now on with `other`'s settings, acceptor and pipeline (a reload of this listener): new
+        connections and new requests use them; a request in flight keeps the pipeline it started with."""
+        self.settings = other.settings
+        self.outbound = other.outbound
+        self.acceptor = other.acceptor
+        self.cluster = other.cluster
+        self.h2_limits = other.h2_limits
+        self.pipeline = other.pipeline
+
     def log_rejected(self, status: int, reason: str, peer: bytes, **fields: object) -> None:
         """The "request rejected" log line of a request refused before anything was forwarded (HTTP/1.1 and
         HTTP/2 alike); `fields` add e.g. the HTTP/2 stream id."""

@@ -20,6 +20,7 @@ __all__ = [
     "diff_listeners",
     "file_digest",
     "inbound_cluster_unchanged",
+    "keep_settings",
     "listener_name",
     "sections_needing_restart",
     "unchanged_clusters",
@@ -230,6 +231,21 @@ RESTART_SETTINGS = (
 
 Everything else is applied: listeners (see diff_listeners), clusters (see unchanged_clusters), the inbound's
 allow/deny, mesh.default_policy, timeouts, limits, retries, routes, service.app and service.protocol."""
+
+
+def keep_settings(new: SidecarConfig, old: SidecarConfig, dotted: Iterable[str]) -> SidecarConfig:
+    """`new` with the settings named (dotted paths, as in RESTART_SETTINGS) taken from `old`."""
+    for path in dotted:
+        new = _replaced(new, old, path.split("."))
+    return new
+
+
+def _replaced(model: Any, old: Any, parts: list[str]) -> Any:
+    """`model` with the setting at `parts` taken from `old` (a whole section where one of them lacks it)."""
+    inner, old_inner = getattr(model, parts[0], None), getattr(old, parts[0], None)
+    if len(parts) == 1 or inner is None or old_inner is None:
+        return model.model_copy(update={parts[0]: old_inner})
+    return model.model_copy(update={parts[0]: _replaced(inner, old_inner, parts[1:])})
 
 
 def sections_needing_restart(old: SidecarConfig, new: SidecarConfig) -> list[str]:

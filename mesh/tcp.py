@@ -68,6 +68,12 @@ class TcpProxy:
     def __repr__(self) -> str:
         return f"<TcpProxy {self.direction} {self.cluster!r}>"
 
+    def adopt(self, other: TcpProxy) -> None:
+        """Serve new connections with `other`'s cluster, acceptor and idle timeout (a reload of this listener)."""
+        self.cluster = other.cluster
+        self.acceptor = other.acceptor
+        self.idle_timeout = other.idle_timeout
+
     async def handle(self, stream: trio.SocketStream) -> None:
         """Proxy one connection; if no upstream connection can be made, the downstream is closed at once."""
         cluster = self.cluster

@@ -82,21 +82,21 @@ def test_config_check_missing_file(capsys: pytest.CaptureFixture[str], in_fixtur
 
 
 def test_sidecar_run_hands_the_config_to_the_app(monkeypatch: pytest.MonkeyPatch, in_fixtures: Path) -> None:
-    received: list[SidecarConfig] = []
+    received: list[tuple[SidecarConfig, Path | None]] = []
 
-    def run(config: SidecarConfig) -> int:
-        received.append(config)
+    def run(config: SidecarConfig, source: Path | None = None) -> int:
+        received.append((config, source))
         return 3
 
     fake_sidecar_module(monkeypatch, "app", run=run)
     assert main(["sidecar", "run", "--config", "valid-static.yaml"]) == 3
-    assert received == [load_config("valid-static.yaml")]
+    assert received == [(load_config("valid-static.yaml"), Path("valid-static.yaml"))]  # the file, for reloads
 
 
 def test_sidecar_run_with_a_broken_config_never_starts(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, in_fixtures: Path
 ) -> None:
-    fake_sidecar_module(monkeypatch, "app", run=lambda config: pytest.fail("started with a broken config"))
+    fake_sidecar_module(monkeypatch, "app", run=lambda config, source=None: pytest.fail("started with a broken config"))
     assert main(["sidecar", "run", "--config", "broken-missing-discovery.yaml"]) == 1
     assert capsys.readouterr().err == (
         "broken-missing-discovery.yaml: discovery: required when upstreams are configured\n"
