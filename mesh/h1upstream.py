@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import select
+from collections.abc import Callable
 from typing import Any
 
 from mesh.breaker import CircuitBreaker
@@ -14,6 +15,11 @@ from mesh.stream import STREAM_ERRORS
 from mesh.transport import Stream
 
 READ_SIZE = 65536
+
+
+def _nothing() -> None:
+    return None
+
 _EMPTY_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
@@ -38,6 +44,7 @@ class UpstreamConnection:
         "breaker",
         "endpoint",
         "fd",
+        "next_event",
         "reader",
         "requests",
         "stream",
@@ -60,6 +67,9 @@ class UpstreamConnection:
         self.fd = stream.socket.fileno()
         self.requests = 0
         self.reader: ResponseReader | None = None  # the response parser of the current request
+        # The next response event already received (a head, body bytes, Trailers, END), or None: the current
+        # reader's own method, so that the hot path makes one call per event.
+        self.next_event: Callable[[], object | None] = _nothing
         self._response: ResponseReader | None = None  # kept across keep-alive requests (HEAD gets its own)
         self._max_header_bytes = max_header_bytes
         self._max_header_count = max_header_count
@@ -113,6 +123,7 @@ class UpstreamConnection:
                     max_header_count=self._max_header_count,
                 )
             self.reader = reader
+        self.next_event = self.reader.next_event  # type: ignore[union-attr]
         self._received = 0
         chunked = self._chunked = head.chunked
         if chunked:
@@ -150,11 +161,6 @@ class UpstreamConnection:
             await self.stream.send_all(last_chunk_bytes(trailers))
 
     # -- the response --------------------------------------------------------------------------------------
-    def next_event(self) -> object | None:
-        """The next response event already received (a head, body bytes, Trailers, END), or None."""
-        reader = self.reader
-        return reader.next_event() if reader is not None else None
-
     async def read_more(self) -> None:
         """Receive more of the response; see the class for what it raises."""
         reader = self.reader

@@ -16,7 +16,8 @@ class Faults:
     """The route's faults, Envoy's fault filter in small: for `fault.delay.percent` % of the requests a pause of
     `fault.delay.duration` before anything else, then for `fault.abort.percent` % an answer with
     `fault.abort.status` (to gRPC callers, HTTP 200 with `grpc_status` when given, else the status's mapping) and
-    `x-mesh-error: fault injected`; nothing reaches the destination for an aborted request."""
+    `x-mesh-error: fault injected` (the route layer appends the route's name); nothing reaches the destination for
+    an aborted request."""
 
     __slots__ = ("next", "rng", "route")
 

@@ -159,7 +159,7 @@ class Forward:
         if retry is not None:
             resendable = (
                 resendable
-                and sum(map(len, body)) <= retry.max_body_bytes
+                and (not body or sum(map(len, body)) <= retry.max_body_bytes)
                 and (retry.all_methods or head.method in IDEMPOTENT)
             )
         now = trio.current_time()
@@ -169,7 +169,6 @@ class Forward:
         hedge_after = None
         if cluster.hedging is not None and resendable and head.method in IDEMPOTENT and not head.expect_continue:
             hedge_after = cluster.hedge_delay()
-        grpc = retry is not None and retry.grpc_statuses and is_grpc(headers)
         tried: list[Endpoint] = []
         refused: list[Endpoint] = []  # identity checks failed: deterministic, never tried again
         failed: _TryFailed | None = None
@@ -199,7 +198,13 @@ class Forward:
                     why = None
                     if response.status in retry.statuses:
                         why = f"status_{response.status}"
-                    elif grpc and (code := grpc_status(response.headers)) in retry.grpc_statuses:
+                    elif (
+                        not response.has_body  # a gRPC error is a "trailers-only" response: a head and nothing else
+                        and response.status == 200
+                        and retry.grpc_statuses
+                        and (code := grpc_status(response.headers)) in retry.grpc_statuses
+                        and is_grpc(headers)
+                    ):
                         why = f"grpc_{int(code or b'0')}"
                     if why is not None:
                         pause = self._retry_pause(retry, STATUS, head, len(tried), deadline, response)

@@ -1,6 +1,6 @@
 """A real backend process for integration tests: an h11 HTTP/1.1 app, a WebSocket echo and a TCP line echo.
 
-Run as `python backend.py`; prints one JSON line with its ports, then serves until killed.
+Run as `python backend.py [--name NAME] [--delay S]`; prints one JSON line with its ports, then serves until killed.
 HTTP routes (all count towards GET /__stats, which itself is not counted):
   /echo            body echoed back (streamed; chunked if the request was)
   /headers         the request head as JSON
@@ -16,10 +16,13 @@ HTTP routes (all count towards GET /__stats, which itself is not counted):
   /hold?key=K      waits until /release?key=K (stats["held"][K]: arrived, stats["holding"][K]: waiting now)
   /count?id=I&s=S  reads the body, records I in stats["counted"], waits S seconds (default 0), answers "counted I"
   /release?key=K   lets every /hold of K answer "released", now and later
+  /whoami[/...]?tag=T  counts T in stats["whoami"] (stats["whoami_active"]: waiting now), waits --delay seconds,
+                   answers the backend's --name as the body and in `x-backend` (to tell endpoints apart)
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import json
@@ -32,6 +35,8 @@ import trio
 from websockets.sync.server import serve as ws_serve
 
 STATS = {"requests": 0, "connections": 0, "paths": [], "streamed": {}, "held": {}, "holding": {}, "counted": []}
+STATS.update(whoami={}, whoami_active=0)
+IDENTITY = {"name": "", "delay": 0.0}  # from the command line: what /whoami answers, and after how long
 RELEASES: dict[str, trio.Event] = {}
 
 
@@ -174,6 +179,19 @@ async def route(stream, conn, req: h11.Request) -> bool:
             await trio.sleep(float(query["s"]))
         await _respond(stream, conn, 200, b"counted " + query.get("id", "").encode())
         return True
+    if path == "/whoami" or path.startswith("/whoami/"):
+        await _drain_body(stream, conn)
+        tag = query.get("tag", "")
+        STATS["whoami"][tag] = STATS["whoami"].get(tag, 0) + 1
+        STATS["whoami_active"] += 1
+        try:
+            if IDENTITY["delay"]:
+                await trio.sleep(IDENTITY["delay"])
+        finally:
+            STATS["whoami_active"] -= 1
+        name = IDENTITY["name"]
+        await _respond(stream, conn, 200, name.encode(), [("x-backend", name)])
+        return True
     if path == "/release":
         await _drain_body(stream, conn)
         RELEASES.setdefault(query.get("key", ""), trio.Event()).set()
@@ -251,4 +269,9 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="backend")
+    parser.add_argument("--name", default="", help="what /whoami answers")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds /whoami waits before answering")
+    args = parser.parse_args()
+    IDENTITY.update(name=args.name, delay=args.delay)
     trio.run(main)

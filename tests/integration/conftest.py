@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.integration.clients import backend_stats
 from tests.ports import free_port
 
 HERE = Path(__file__).parent
@@ -106,6 +107,53 @@ def backend() -> Iterator[dict[str, int]]:
     proc.stdout.close()
 
 
+class NamedBackend:
+    """A backend.py process of its own, started with `--name` (and `--delay`): its `/whoami` answers the name, so a
+    test can tell which endpoint served a request; `count(tag)` is how many `/whoami?tag=` requests it saw."""
+
+    def __init__(self, name: str, delay: float = 0.0) -> None:
+        self.name = name
+        args = [sys.executable, str(HERE / "backend.py"), "--name", name, "--delay", str(delay)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE)
+        self._ports: dict[str, int] | None = None
+
+    @property
+    def ports(self) -> dict[str, int]:
+        if self._ports is None:
+            assert self.proc.stdout is not None
+            self._ports = json.loads(self.proc.stdout.readline())
+        return self._ports
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.ports['http']}"
+
+    def stats(self) -> dict:
+        return backend_stats(self.ports["http"])
+
+    def count(self, tag: str) -> int:
+        return self.stats()["whoami"].get(tag, 0)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def start_backends(*specs: str | tuple[str, float]) -> dict[str, NamedBackend]:
+    """Named backends (a name, or (name, delay)), started together; close each when done."""
+    started = [NamedBackend(*((spec,) if isinstance(spec, str) else spec)) for spec in specs]
+    try:
+        for one in started:
+            _ = one.ports
+    except BaseException:
+        for one in started:
+            one.close()
+        raise
+    return {one.name: one for one in started}
+
+
 def sidecar_config(**overrides: object) -> dict:
     config: dict = {
         "service": {"name": "test", "app": "127.0.0.1:1"},
@@ -124,9 +172,18 @@ class Mesh:
         self.tmp_path = tmp_path
         self.procs: list[Process] = []
 
-    def sidecar(self, config: dict, name: str = "sidecar") -> Process:
-        path = self.tmp_path / f"{name}.yaml"
+    def config_path(self, name: str = "sidecar") -> Path:
+        """The file the sidecar `name` was started from (what a reload re-reads)."""
+        return self.tmp_path / f"{name}.yaml"
+
+    def write_config(self, config: dict, name: str = "sidecar") -> Path:
+        """Write (or rewrite, before a reload) the config file of the sidecar `name`."""
+        path = self.config_path(name)
         path.write_text(yaml.safe_dump(config))
+        return path
+
+    def sidecar(self, config: dict, name: str = "sidecar") -> Process:
+        path = self.write_config(config, name)
         proc = Process([sys.executable, "-m", "mesh.cli", "sidecar", "run", "--config", str(path)], name=name)
         self.procs.append(proc)
         proc.wait_for('"event": "sidecar ')  # "sidecar ready", or "sidecar started, not ready" and why
