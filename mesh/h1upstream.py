@@ -20,6 +20,7 @@ READ_SIZE = 65536
 def _nothing() -> None:
     return None
 
+
 _EMPTY_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
