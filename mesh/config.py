@@ -533,8 +533,9 @@ class RetrySettings(_Model):
     )
     grpc_statuses: list[RetryableGrpcStatus] = Field(
         default_factory=lambda: ["unavailable"],
-        description="For gRPC requests: the grpc-status values (in the response headers or trailers) that are "
-        "retried; gRPC answers errors with HTTP 200, so `statuses` never applies to it.",
+        description="For gRPC requests: the grpc-status values of a trailers-only answer (the status in the "
+        "response head) that are retried; gRPC answers errors with HTTP 200, so `statuses` never applies to it. "
+        "gRPC calls are POSTs: they are re-sent only with `methods: all`.",
     )
     methods: Literal["idempotent", "all"] = Field(
         "idempotent",

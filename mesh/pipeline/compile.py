@@ -34,7 +34,8 @@ def route_pipeline(
             layer = Split(route, forwards, rng=rng) if len(forwards) > 1 else next(iter(forwards.values()))
             if route.mirror is not None:
                 mirror = forward_for(route, route.mirror, True)
-                layer = Mirror(route, mirror, layer, proxy=proxy, background=background, rng=rng)
+                retry = next(iter(forwards.values())).retry  # the route's policy (a split's share the rules)
+                layer = Mirror(route, mirror, layer, proxy=proxy, background=background, rng=rng, retry=retry)
             if route.changes_request:
                 layer = Rewrite(route, layer)
         if route.has_faults:

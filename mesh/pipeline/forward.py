@@ -674,6 +674,10 @@ class _Hedge:
         self.failure: _TryFailed | None = None
         self.failed = trio.Event()
 
+    def fail(self, failure: _TryFailed) -> None:
+        self.failure = failure
+        self.failed.set()
+
 
 class BodyPump:
     """Copies the rest of a streaming request body from downstream to the upstream, in its own task.

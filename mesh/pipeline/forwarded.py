@@ -35,15 +35,15 @@ class Forwarded:
 
     async def __call__(self, side: Downstream, head: RequestHead, ex: Exchange) -> bool:
         headers = head.headers
-        xff = proto = rid = xfcc = False
+        proto = rid = xfcc = False
+        xff = -1  # the last x-forwarded-for line: the client's address goes at the end of the chain, once
         grpc_timeout = -1
         peer_ip = side.peer_ip
         for i, (name, value) in enumerate(headers):
             first = name[0]
             if first == 120:  # b"x": only then can it be one of ours
                 if name == b"x-forwarded-for":
-                    headers[i] = (name, value + b", " + peer_ip)
-                    xff = True
+                    xff = i
                 elif name == b"x-forwarded-proto":
                     proto = True
                 elif name == b"x-request-id":
@@ -54,11 +54,14 @@ class Forwarded:
             elif first == 103 and name == GRPC_TIMEOUT:  # b"g"
                 grpc_timeout = i
         inbound = self.inbound
+        if peer_ip:
+            if xff < 0:
+                headers.append((b"x-forwarded-for", peer_ip))
+            else:
+                headers[xff] = (b"x-forwarded-for", headers[xff][1] + b", " + peer_ip)
         if xfcc and inbound:  # only the inbound's own, from the verified certificate, may reach the app
             headers[:] = [(n, v) for n, v in headers if n != b"x-forwarded-client-cert"]
-            grpc_timeout = next((i for i, (n, _) in enumerate(headers) if n == GRPC_TIMEOUT), -1)
-        if not xff and peer_ip:
-            headers.append((b"x-forwarded-for", peer_ip))
+            grpc_timeout = grpc_timeout_index(headers)
         if not proto:
             headers.append((b"x-forwarded-proto", self.forwarded_proto))
         if not rid:

@@ -14,6 +14,7 @@ from mesh.pipeline.exchange import IDLE, STALL, Downstream, Exchange, Layer
 from mesh.pipeline.forward import Forward, prebuffer
 from mesh.pipeline.router import Rng, Route
 from mesh.proxy import HttpProxy
+from mesh.retry import RetryPolicy
 from mesh.timers import INF
 
 log = structlog.get_logger("mesh.mirror")
@@ -39,12 +40,33 @@ class Mirror:
     streaming ones are not (counted in `skipped`), nor more than MAX_IN_FLIGHT at once. A copy is bounded by
     the mirror destination's request timeout."""
 
-    __slots__ = ("background", "copied", "failed", "forward", "in_flight", "next", "proxy", "rng", "route", "skipped")
+    __slots__ = (
+        "background",
+        "copied",
+        "failed",
+        "forward",
+        "in_flight",
+        "next",
+        "proxy",
+        "retry",
+        "rng",
+        "route",
+        "skipped",
+    )
 
     def __init__(
-        self, route: Route, forward: Forward, next: Layer, *, proxy: HttpProxy, background: Background, rng: Rng
+        self,
+        route: Route,
+        forward: Forward,
+        next: Layer,
+        *,
+        proxy: HttpProxy,
+        background: Background,
+        rng: Rng,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.route = route
+        self.retry = retry  # the route's own policy: the body is read ahead as far as it would read it
         self.forward = forward
         self.next = next
         self.proxy = proxy
@@ -68,7 +90,7 @@ class Mirror:
         if nursery is None or self.in_flight >= MAX_IN_FLIGHT:
             self.skipped += 1
             return
-        body, complete = ex.prebuffered or await prebuffer(side, head, ex, None)
+        body, complete = ex.prebuffered or await prebuffer(side, head, ex, self.retry)
         if not complete:
             self.skipped += 1
             return
