@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mesh.pipeline.direct import Direct
 from mesh.pipeline.exchange import Layer
@@ -18,12 +18,24 @@ from mesh.proxy import HttpProxy
 # cluster with the route's timeouts, retries (none for a mirror) and response header changes.
 ForwardFor = Callable[[Route, Destination, bool], Forward]
 
+# An L7 policy slot: given a route and the layers built for it, the policy's layer in front of them, or None
+# where the policy does not apply to that route. The gateway's JWT check, external authorisation, rate limit and
+# CORS, and Consul's L7 intentions, are such policies; they run first on a route, before its faults.
+Policy = Callable[[Route, Layer], Layer | None]
+
 
 def route_pipeline(
-    table: RouteTable, *, forward_for: ForwardFor, proxy: HttpProxy, background: Background, rng: Rng
+    table: RouteTable,
+    *,
+    forward_for: ForwardFor,
+    proxy: HttpProxy,
+    background: Background,
+    rng: Rng,
+    policies: Sequence[Policy] = (),
 ) -> RouteMatch:
     """The routing part of a listener's pipeline (what follows its own layers, HttpProxy.entry): route match,
-    then per route faults → direct response or redirect, or rewrite → mirror → split → destination."""
+    then per route the L7 policies (`policies`, the first outermost) → faults → direct response or redirect, or
+    rewrite → mirror → split → destination."""
     stacks: dict[str, Layer] = {}
     for route in table.all_routes:
         layer: Layer
@@ -40,5 +52,7 @@ def route_pipeline(
                 layer = Rewrite(route, layer)
         if route.has_faults:
             layer = Faults(route, layer, rng=rng)
+        for policy in reversed(policies):
+            layer = policy(route, layer) or layer
         stacks[route.name] = layer
     return RouteMatch(table, stacks)

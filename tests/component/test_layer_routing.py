@@ -217,3 +217,47 @@ async def test_a_compiled_route_forwards_the_rewritten_request_and_changes_the_r
     assert (b"x-route", b"v1") in upstream.head.headers
     assert (b"x-served", b"v1") in side.answer.headers
     assert (ex.route, ex.destination) == ("v1", "api")
+
+
+async def test_policies_go_first_on_the_routes_they_apply_to(monkeypatch, autojump_clock) -> None:
+    """The L7 policy slots (JWT, external authorisation, rate limit, CORS, intentions): a policy wraps the routes it
+    applies to, outermost first, in front of their faults; a route it does not apply to is left as it was."""
+
+    class Deny:
+        def __init__(self, name: str, next: Any) -> None:
+            self.name, self.next = name, next
+
+        async def __call__(self, side: Any, head: Any, ex: Any) -> bool:
+            raise MeshError(403, f"denied by {self.name}", "denied")
+
+    def only_admin(route: Any, layer: Any) -> Any:
+        return Deny("intentions", layer) if route.name == "admin" else None
+
+    def everywhere(route: Any, layer: Any) -> Any:
+        return Deny("jwt", layer)
+
+    routes = table(
+        {
+            "name": "admin",
+            "match": {"path": "/admin"},
+            "to": {"service": "api"},
+            "fault": {"delay": {"duration": "1s"}},
+        },
+        {"name": "public", "match": {"path": "/"}, "to": {"service": "api"}},
+    )
+    cluster = ScriptedCluster(monkeypatch, endpoints(1), [response(200)], name="api")
+    pipeline = route_pipeline(
+        routes,
+        forward_for=lambda route, destination, mirror: Forward(
+            cluster.cluster, outbound=True, request_timeout=5.0, connect_timeout=1.0, retry=None
+        ),
+        proxy=FakeProxy(),  # type: ignore[arg-type]
+        background=Background(),
+        rng=random.Random(1),
+        policies=[everywhere, only_admin],
+    )
+    admin, public = pipeline.stacks["admin"], pipeline.stacks["public"]
+    assert (admin.name, admin.next.name) == ("jwt", "intentions") and type(admin.next.next) is Faults
+    assert public.name == "jwt" and type(public.next) is Forward
+    with pytest.raises(MeshError, match="denied by jwt"):
+        await run(pipeline, request(target=b"/admin"))
