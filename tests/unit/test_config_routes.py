@@ -10,17 +10,16 @@ from mesh.config import (
     GRPC_STATUS_CODES,
     ClusterFields,
     ClusterSettings,
-    ConfigError,
     Destination,
     RetrySettings,
     Route,
     RouteMatch,
-    SidecarConfig,
     StringMatch,
     UpstreamSettings,
     dump_config,
     parse_config,
 )
+from tests.unit.test_config import errors_of, parse
 
 BASE = (
     "service: {name: web, app: 127.0.0.1:8080}\n"
@@ -59,16 +58,6 @@ clusters:
     protocol: grpc
     balancer: {policy: ring_hash, hash_on: {header: x-tenant}}
 """
-
-
-def parse(text: str) -> SidecarConfig:
-    return parse_config(text, name="sidecar.yaml", base_dir=Path("/etc/mesh"))
-
-
-def errors_of(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as caught:
-        parse(text)
-    return caught.value.errors
 
 
 def routed(routes: str, *, upstream: str = "service: api, tls: off", extra: str = "") -> str:
