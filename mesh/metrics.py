@@ -87,6 +87,8 @@ class Metrics:
         self._bytes: dict[tuple[str, str], list[int]] = {}
         self._tcp_connections: dict[tuple[str, str], int] = {}
         self._pool_events: dict[tuple[str, str], int] = {}
+        self._routes: dict[tuple[str, str, str, str, str], int] = {}  # (direction, listener, route, dest, class)
+        self._mirrored: dict[tuple[str, str, str], int] = {}  # (route, destination, outcome)
         self.registry.register(_HotPathCollector(self))
         self._active_connections = Gauge(
             "mesh_active_connections",
@@ -169,6 +171,18 @@ class Metrics:
         byte_counts = cell.bytes
         byte_counts[0] += rx
         byte_counts[1] += tx
+
+    def route_done(self, direction: str, listener: str, route: str, destination: str, status: int) -> None:
+        """Record one finished request that a route took (on a listener with routes): its route, the destination
+        it was sent to ("" for a route that answered itself) and its status class (0xx: no response)."""
+        key = (direction, listener, route, destination, f"{status // 100}xx")
+        self._routes[key] = self._routes.get(key, 0) + 1
+
+    def mirrored(self, route: str, destination: str, outcome: str) -> None:
+        """Count a mirrored copy of a request: `outcome` is sent (the copy got an answer or ran out of time),
+        failed (the copy could not be sent) or skipped (not copied: body too large, too many in flight, stopping)."""
+        key = (route, destination, outcome)
+        self._mirrored[key] = self._mirrored.get(key, 0) + 1
 
     def tcp_done(self, direction: str, upstream: str, rx: int, tx: int) -> None:
         """Record one finished opaque TCP connection and the bytes it carried."""
@@ -322,6 +336,23 @@ class _HotPathCollector:
         for labels, count in sorted(m._pool_events.items()):
             pool.add_metric(list(labels), count)
         yield pool
+        routes = CounterMetricFamily(
+            "mesh_route_requests",
+            "HTTP requests a route took, by listener, route, destination (service and subset; empty for a route "
+            "that answers itself) and status class.",
+            labels=["direction", "listener", "route", "destination", "code_class"],
+        )
+        for labels, count in sorted(m._routes.items()):
+            routes.add_metric(list(labels), count)
+        yield routes
+        mirrored = CounterMetricFamily(
+            "mesh_mirrored_requests",
+            "Copies of requests sent to a route's mirror destination, by outcome: sent, failed, skipped.",
+            labels=["route", "destination", "outcome"],
+        )
+        for labels, count in sorted(m._mirrored.items()):
+            mirrored.add_metric(list(labels), count)
+        yield mirrored
 
 
 class _ClusterCollector:

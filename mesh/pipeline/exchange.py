@@ -239,6 +239,8 @@ def record(side: Downstream, head: RequestHead, ex: Exchange, start: float) -> N
         proxy.metrics.request_done(settings.direction, upstream, ex.status, duration, ex.rx, ex.tx)
     if ex.mesh_error:
         proxy.metrics.error(settings.direction, upstream, ex.error_code or "other")
+    if ex.route:
+        proxy.metrics.route_done(settings.direction, settings.upstream, ex.route, ex.destination, ex.status)
     if not proxy.access_log.enabled:
         return
     proxy.access_log.request(

@@ -80,6 +80,14 @@ class Mirror:
     def __repr__(self) -> str:
         return f"<Mirror {self.route.name} to {self.forward.label} → {self.next!r}>"
 
+    def _count(self, outcome: str) -> None:
+        """Count a copy here (`copied`, `failed`, `skipped`) and in mesh_mirrored_requests_total."""
+        if outcome == "sent":
+            self.copied += 1
+        else:
+            setattr(self, outcome, getattr(self, outcome) + 1)
+        self.proxy.metrics.mirrored(self.route.name, self.forward.label, outcome)
+
     async def __call__(self, side: Downstream, head: RequestHead, ex: Exchange) -> bool:
         if self.route.mirror_to(self.rng) is not None:
             await self._copy(side, head, ex)
@@ -88,11 +96,11 @@ class Mirror:
     async def _copy(self, side: Downstream, head: RequestHead, ex: Exchange) -> None:
         nursery = self.background.nursery
         if nursery is None or self.in_flight >= MAX_IN_FLIGHT:
-            self.skipped += 1
+            self._count("skipped")
             return
         body, complete = ex.prebuffered or await prebuffer(side, head, ex, self.retry)
         if not complete:
-            self.skipped += 1
+            self._count("skipped")
             return
         copy = replace(head, headers=list(head.headers), mesh_headers=[])
         self.in_flight += 1
@@ -110,9 +118,9 @@ class Mirror:
         try:
             with trio.move_on_after(timeout + forward.connect_timeout):
                 await forward(side, head, ex)  # type: ignore[arg-type]  (a Downstream in what Forward uses)
-            self.copied += 1
+            self._count("sent")
         except Exception as exc:  # a copy's failure is its own: it never reaches the caller or the sidecar
-            self.failed += 1
+            self._count("failed")
             log.debug("mirrored request failed", route=self.route.name, destination=forward.label, error=str(exc))
         finally:
             self.in_flight -= 1

@@ -78,6 +78,26 @@ def test_upstream_connection_events() -> None:
         metrics.upstream_conn("api", "lost")
 
 
+def test_requests_a_route_took_by_route_destination_and_status_class() -> None:
+    metrics = Metrics()
+    metrics.route_done("outbound", "api", "canary", "reviews{version=v2}", 200)
+    metrics.route_done("outbound", "api", "canary", "reviews{version=v2}", 204)
+    metrics.route_done("outbound", "api", "teapot", "", 418)
+    labels = {"direction": "outbound", "listener": "api"}
+    canary = {**labels, "route": "canary", "destination": "reviews{version=v2}", "code_class": "2xx"}
+    assert value(metrics, "mesh_route_requests_total", **canary) == 2
+    teapot = {**labels, "route": "teapot", "destination": "", "code_class": "4xx"}
+    assert value(metrics, "mesh_route_requests_total", **teapot) == 1
+
+
+def test_mirrored_copies_by_outcome() -> None:
+    metrics = Metrics()
+    for outcome in ("sent", "sent", "skipped"):
+        metrics.mirrored("canary", "shadow", outcome)
+    assert value(metrics, "mesh_mirrored_requests_total", route="canary", destination="shadow", outcome="sent") == 2
+    assert value(metrics, "mesh_mirrored_requests_total", route="canary", destination="shadow", outcome="skipped") == 1
+
+
 def test_mesh_errors_by_reason() -> None:
     metrics = Metrics()
     metrics.error("outbound", "api", "connect_timeout")
@@ -117,6 +137,8 @@ def test_every_metric_is_described_before_any_sample() -> None:
         "mesh_tcp_connections_total",
         "mesh_bytes_total",
         "mesh_upstream_connections_total",
+        "mesh_route_requests_total",
+        "mesh_mirrored_requests_total",
         "mesh_errors_total",
         "mesh_protocol_detected_total",
         "mesh_requests_unanswered_total",
