@@ -204,3 +204,46 @@ def test_connections_opened_before_a_reload_keep_working_after_it(mesh: Mesh, ba
         assert client.sock.getsockname() == socket_before
         ws.send("after")
         assert ws.recv(timeout=10) == "after"
+
+
+def pool_events(proc: Process, upstream: str) -> dict[str, float]:
+    return {
+        dict(labels)["event"]: value
+        for (name, labels), value in scrape(proc).items()
+        if name == "mesh_upstream_connections_total" and dict(labels)["upstream"] == upstream
+    }
+
+
+def test_a_reload_keeps_the_pool_of_an_unchanged_cluster_and_renews_a_changed_one(
+    mesh: Mesh, tmp_path: Path, versions
+) -> None:
+    """A route change leaves the reviews cluster as it was: the next requests reuse its pooled connections. A
+    change of the cluster's own settings gives it a new pool, which opens its own connections."""
+    port, registry = free_port(), write_registry(tmp_path, {"v1a": versions["v1a"]})
+    config = split_config(port, registry, (100, 0))
+    proc = mesh.sidecar(config, "pool-reload")
+    proc.wait_for('"sidecar ready"')
+    caller = Caller(port)
+    try:
+        assert all_on(caller, "v1", 10)
+        before = pool_events(proc, "reviews")
+        assert before.get("opened") == 1  # one keep-alive connection carried the ten requests
+
+        routes_only = split_config(port, registry, (100, 0))
+        routes_only["upstreams"][0]["routes"][0]["response_headers"] = {"set": {"x-reloaded": "yes"}}
+        mesh.write_config(routes_only, "pool-reload")
+        status, ok = admin(config, "/reload", "POST")
+        assert (status, ok["result"], ok["listeners"]["clusters_kept"]) == (200, "ok", ["reviews"]), ok
+        assert caller.get("/whoami").headers.get("x-reloaded") == "yes"  # the new route serves...
+        assert all_on(caller, "v1", 10)
+        assert pool_events(proc, "reviews").get("opened") == 1  # ...with the connection the old one pooled
+
+        new_cluster = split_config(port, registry, (100, 0))
+        new_cluster["clusters"][0]["balancer"] = {"policy": "round_robin"}
+        mesh.write_config(new_cluster, "pool-reload")
+        status, ok = admin(config, "/reload", "POST")
+        assert (status, ok["result"], ok["listeners"]["clusters_new"]) == (200, "ok", ["reviews"]), ok
+        assert all_on(caller, "v1", 10)
+        assert pool_events(proc, "reviews").get("opened") == 2  # the new cluster's own connection
+    finally:
+        caller.close()
