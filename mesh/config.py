@@ -75,7 +75,9 @@ __all__ = [
     "SidecarConfig",
     "Size",
     "StringMatch",
+    "TelemetrySettings",
     "Timeouts",
+    "TracingSettings",
     "UpstreamSettings",
     "WeightedDestination",
     "dump_config",
@@ -1454,6 +1456,45 @@ class LogSettings(_Model):
     )
 
 
+def _check_collector_url(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an http:// or https:// URL (got {_show(value)})")
+    parts = urllib.parse.urlsplit(value.strip())
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"expected an OTLP/HTTP URL such as http://127.0.0.1:4318/v1/traces (got {value!r})")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
+    except ValueError:
+        raise ValueError(f"invalid port in {value!r}") from None
+    if not parts.hostname or parts.username or parts.password or parts.fragment:
+        raise ValueError(f"expected http(s)://host[:port]/path without credentials or fragment (got {value!r})")
+    return value.strip()
+
+
+class TracingSettings(_Model):
+    """Distributed tracing: a span per hop (a server span on the inbound, a client span per try on the outbound),
+    trace context forwarded (W3C always, and B3 as it arrived), spans exported to an OpenTelemetry collector."""
+
+    collector: Annotated[str, BeforeValidator(_check_collector_url)] = Field(
+        description="The collector's OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces (Jaeger, Tempo and "
+        "the OpenTelemetry Collector accept it)."
+    )
+    sampling: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of new traces recorded (0.0-1.0); a request that arrives with a sampling decision keeps "
+        "it (parent-based). Lower it on busy services.",
+    )
+    max_queue: int = Field(2048, ge=1, description="Spans waiting for export at most; more are dropped and counted.")
+
+
+class TelemetrySettings(_Model):
+    """What the sidecar reports beyond its admin listener."""
+
+    tracing: TracingSettings | None = Field(None, description="Distributed tracing (off by default).")
+
+
 class ShutdownSettings(_Model):
     """Graceful shutdown."""
 
@@ -1526,6 +1567,7 @@ class SidecarConfig(_Model):
     )
     admin: AdminSettings = Field(default_factory=AdminSettings, description="The admin listener.")
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings, description="Tracing.")
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings, description="Graceful shutdown.")
 
     @model_validator(mode="after")

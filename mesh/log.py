@@ -215,9 +215,12 @@ class AccessLog:
         mesh_error: str | None,
         request_id: str | None,
         route: str = "",
+        trace_id: str = "",
     ) -> None:
         if self.enabled:
             extra = {"route": route} if route else {}  # only listeners with routes name one
+            if trace_id:  # only traced requests have one
+                extra["trace_id"] = trace_id
             self.logger.info(
                 "request",
                 direction=direction,

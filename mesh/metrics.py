@@ -132,6 +132,13 @@ class Metrics:
         )
         for result in CONFIG_RELOAD_RESULTS:
             self._config_reloads.labels(result)  # every series exists from the start, at zero
+        self._spans = Counter(
+            "mesh_spans",
+            "Trace spans by outcome: exported (the collector took them), dropped (the export queue was full, or "
+            "spans were left at exit), failed (the collector could not be reached or refused them).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self._config_version = Gauge(
             "mesh_config_version",
             "Version of the config in use: 1 as started, one more per applied reload.",
@@ -177,6 +184,10 @@ class Metrics:
         it was sent to ("" for a route that answered itself) and its status class (0xx: no response)."""
         key = (direction, listener, route, destination, f"{status // 100}xx")
         self._routes[key] = self._routes.get(key, 0) + 1
+
+    def spans(self, outcome: str, count: int) -> None:
+        """Count trace spans by outcome: exported, dropped, failed (the exporter's on_outcome)."""
+        self._spans.labels(outcome).inc(count)
 
     def mirrored(self, route: str, destination: str, outcome: str) -> None:
         """Count a mirrored copy of a request: `outcome` is sent (the copy got an answer or ran out of time),

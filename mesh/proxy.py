@@ -20,6 +20,8 @@ from mesh.pipeline.authz import PeerAuthz
 from mesh.pipeline.exchange import Downstream, Exchange, Layer
 from mesh.pipeline.forward import Forward
 from mesh.pipeline.forwarded import Forwarded
+from mesh.pipeline.trace import Trace
+from mesh.telemetry.tracer import Tracer
 from mesh.timers import Sweeper
 from mesh.transport import Acceptor, PlainAccept
 
@@ -67,8 +69,10 @@ class HttpProxy:
         sweeper: Sweeper,
         acceptor: Acceptor | None = None,
         pipeline: Layer | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.acceptor = acceptor or PlainAccept()
+        self.tracer = tracer
         self.settings = settings
         self.outbound = settings.direction == "outbound"
         self.cluster = cluster
@@ -93,8 +97,10 @@ class HttpProxy:
 
     def entry(self, next: Layer) -> Layer:
         """The listener's own layers in front of `next`: peer authorisation (mTLS listeners), then the forwarding
-        headers and the caller's deadline."""
+        headers and the caller's deadline, then tracing (when the sidecar traces)."""
         settings = self.settings
+        if self.tracer is not None:
+            next = Trace(next, self.tracer, inbound=not self.outbound)
         layer: Layer = Forwarded(
             next, inbound=not self.outbound, forwarded_proto=settings.forwarded_proto, identity=settings.identity
         )
@@ -113,6 +119,7 @@ class HttpProxy:
         self.acceptor = other.acceptor
         self.cluster = other.cluster
         self.h2_limits = other.h2_limits
+        self.tracer = other.tracer
         self.pipeline = other.pipeline
 
     def log_rejected(self, status: int, reason: str, peer: bytes, **fields: object) -> None:

@@ -215,6 +215,7 @@ RESTART_SETTINGS = (
     "admin.bind",
     "log.level",
     "log.access_log",
+    "telemetry",
     "shutdown.drain_timeout",
 )
 """Settings a reload cannot change; a reload that changes them keeps their old values and warns.
@@ -227,6 +228,7 @@ RESTART_SETTINGS = (
 - registration: the Consul registration, its checks and its deregistration on exit.
 - admin.bind: the listener that serves `POST /reload` itself.
 - log.level, log.access_log: logging is set up once at start.
+- telemetry: the span exporter runs for the life of the process.
 - shutdown.drain_timeout: read at start by the signal handler.
 
 Everything else is applied: listeners (see diff_listeners), clusters (see unchanged_clusters), the inbound's

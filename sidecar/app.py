@@ -57,6 +57,7 @@ from mesh.reload import (
 )
 from mesh.spiffe import Authorizer, spiffe_id
 from mesh.tcp import TcpProxy
+from mesh.telemetry.tracer import Tracer
 from mesh.timers import Sweeper
 from mesh.transport import Acceptor, MutualTlsAccept, PlainAccept, UpstreamTls
 from mesh.watch import Watch
@@ -122,6 +123,20 @@ class Sidecar:
         )
         if self.identity is not None:
             self.metrics.watch_certificate_expiry(self.identity.seconds_until_expiry)
+        self.exporter: Any = None  # mesh.telemetry.otlp.SpanExporter, with tracing
+        self.tracer: Tracer | None = None
+        tracing = config.telemetry.tracing
+        if tracing is not None:
+            from mesh.telemetry.otlp import SpanExporter  # only with tracing: it brings protobuf along
+
+            self.exporter = SpanExporter(
+                tracing.collector,
+                service=config.service.name,
+                resource={"service.namespace": config.mesh.namespace, "mesh.datacenter": config.mesh.datacenter},
+                max_queue=tracing.max_queue,
+                on_outcome=self.metrics.spans,
+            )
+            self.tracer = Tracer(service=config.service.name, sampling=tracing.sampling, submit=self.exporter.submit)
         self.app_cluster: Cluster | None = None  # the inbound's cluster: the local application
         self.clusters: dict[str, Cluster] = {}  # by destination service
         self.metrics.watch_clusters(self.all_clusters)
@@ -283,6 +298,7 @@ class Sidecar:
                 drain=drain,
                 sweeper=self.sweeper,
                 acceptor=acceptor,
+                tracer=self.tracer,
             )
             if settings.routes:
                 default = Destination(cluster.name) if cluster is not None else None
@@ -461,6 +477,8 @@ class Sidecar:
                 await background.start(self.registration.run)
             background.start_soon(self.sweeper.run)
             background.start_soon(_flush_access_log_periodically)
+            if self.exporter is not None:
+                await background.start(self.exporter.run)
             for cluster in self.all_clusters():
                 self._maintain(cluster)
             self.bound["admin"] = await background.start(

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from mesh.cluster import Upstream
     from mesh.config import Limits, Timeouts
     from mesh.proxy import HttpProxy
+    from mesh.telemetry.tracer import ExchangeTrace
     from mesh.transport import Accepted
 
 # What a downstream is waiting for, which decides what happens when its deadline passes: the next request, the
@@ -48,6 +49,7 @@ class Exchange:
         "route",
         "rx",
         "status",
+        "trace",
         "trailers",
         "tx",
         "upstream_reading",
@@ -69,6 +71,7 @@ class Exchange:
         self.route = ""  # the route that took the request ("" on a listener without routes)
         self.rx = 0
         self.status = 0
+        self.trace: ExchangeTrace | None = None  # the request's spans, when it is traced
         self.trailers: Headers | None = None  # of a request body read whole
         self.tx = 0
         self.upstream_reading = False  # a streaming body waits for the upstream to take it (not for the client)
@@ -241,6 +244,9 @@ def record(side: Downstream, head: RequestHead, ex: Exchange, start: float) -> N
         proxy.metrics.error(settings.direction, upstream, ex.error_code or "other")
     if ex.route:
         proxy.metrics.route_done(settings.direction, settings.upstream, ex.route, ex.destination, ex.status)
+    trace = ex.trace
+    if trace is not None:
+        trace.finish(head, ex, settings.direction)
     if not proxy.access_log.enabled:
         return
     proxy.access_log.request(
@@ -257,4 +263,5 @@ def record(side: Downstream, head: RequestHead, ex: Exchange, start: float) -> N
         mesh_error=ex.mesh_error,
         request_id=ex.request_id.decode("latin-1"),
         route=ex.route,
+        trace_id=trace.trace_id.hex() if trace is not None else "",
     )

@@ -29,6 +29,7 @@ from mesh.retry import (
     parse_retry_after,
 )
 from mesh.stream import STREAM_ERRORS
+from mesh.telemetry.tracer import TrySpan
 from mesh.timers import INF
 
 log = structlog.get_logger("mesh.forward")
@@ -119,18 +120,23 @@ class Forward:
                         return part[len(prefix) :]
         return None
 
-    def _try_headers(self, headers: Headers, grpc_timeout: int, deadline: float, now: float) -> Headers:
+    def _try_headers(
+        self, headers: Headers, grpc_timeout: int, deadline: float, now: float, again: bool = False
+    ) -> Headers:
         """One try's headers (`headers`, changed in place): the deadline headers carry what is left of the budget
         at this moment (for a body still streaming, only the caller's deadline: the request timeout has not
-        started). MeshError if nothing is left."""
+        started). `again`: an earlier try wrote them already. MeshError if nothing is left."""
         if deadline != INF:
             left = deadline - now
             if left <= 0:
                 raise request_timeout()
-            if self.outbound:  # the mesh deadline: the last header, replaced by every later try
+            if self.outbound:  # the mesh deadline: appended by the first try, replaced by every later one
                 value = (DEADLINE_HEADER, format_deadline_ms(left))
-                if headers[-1][0] is DEADLINE_HEADER:
-                    headers[-1] = value
+                # An earlier try's is the last header, or among the last few when trace headers followed it.
+                for i in range(len(headers) - 1, max(len(headers) - 8, -1) if again else len(headers) - 1, -1):
+                    if headers[i][0] is DEADLINE_HEADER:
+                        headers[i] = value
+                        break
                 else:
                     headers.append(value)
             if grpc_timeout >= 0:
@@ -179,16 +185,19 @@ class Forward:
             ex.endpoint = str(endpoint)
             ex.status = 0
             ex.head_at = 0.0
-            self._try_headers(headers, grpc_timeout, deadline, now)
+            self._try_headers(headers, grpc_timeout, deadline, now, bool(tried))
+            trace = ex.trace
+            span = trace.start_try(headers, len(tried)) if trace is not None else None
             cluster.started(endpoint)
             sent_at = now
             judged = True
+            try_error = ""  # why this try gave no answer the client gets (its span's error)
             try:
                 if not body_complete:
                     return await self._streaming_try(side, head, body, endpoint, ex)
                 if hedge_after is not None and not tried:
                     conn, response, endpoint, sent_at = await self._race(
-                        side, head, body, endpoint, hedge_after, ex, hash_key, deadline
+                        side, head, body, endpoint, hedge_after, ex, hash_key, deadline, span
                     )
                 elif retry is None or not retry.per_try_timeout:
                     conn, response = await self._send_for_head(side, head, body, endpoint, ex)
@@ -223,6 +232,7 @@ class Forward:
                 return await self._respond(side, head, response, conn, ex, None)
             except _TryFailed as exc:
                 failed = exc
+                try_error = exc.error.reason or f"status {exc.error.status}, retried"
                 if exc.reason != STATUS:
                     pause = None
                     if exc.error.code == "tls_identity":
@@ -237,6 +247,7 @@ class Forward:
                     retry.count(exc.reason)
             except MeshError as exc:
                 judged = exc.code != "circuit_open"  # a local limit says nothing about the endpoint
+                try_error = exc.reason
                 raise
             except DownstreamGone:
                 judged = False  # the client left: says nothing about the endpoint
@@ -254,6 +265,8 @@ class Forward:
                 cluster.finished(endpoint, latency, ok, judged=judged)
                 if ok and cluster.latency is not None:
                     cluster.latency.add(latency)
+                if span is not None and trace is not None and not span.ended:
+                    trace.end_try(span, str(endpoint), ex.status, try_error)
             log.debug(
                 "retrying",
                 upstream=cluster.name,
@@ -293,6 +306,7 @@ class Forward:
         ex: Exchange,
         hash_key: bytes | None,
         deadline: float,
+        span: TrySpan | None = None,
     ) -> tuple[Upstream, ResponseHead, Endpoint, float]:
         """A hedged try: to `first` now and, if it has not answered after `hedge_after` seconds, the same request
         to another endpoint (paid from the retry budget). The first response head wins; the other try is
@@ -303,6 +317,7 @@ class Forward:
         hedges = cluster.hedges
         assert hedges is not None
         tries = [_Hedge(first, ex, trio.current_time(), list(head.headers))]
+        tries[0].span = span
         winner: _Hedge | None = None
 
         async def attempt(one: _Hedge, nursery: trio.Nursery) -> None:
@@ -335,7 +350,7 @@ class Forward:
                 with trio.move_on_after(hedge_after):
                     await tries[0].failed.wait()  # a winner cancels the wait with the rest of the nursery
                 if tries[0].failure is None and winner is None:
-                    hedge = self._hedge(first, hash_key, head.headers, ex.grpc_timeout, deadline)
+                    hedge = self._hedge(first, hash_key, head.headers, ex.grpc_timeout, deadline, ex)
                     if hedge is not None:
                         tries.append(hedge)
                         nursery.start_soon(attempt, hedge, nursery)
@@ -348,6 +363,9 @@ class Forward:
             for one in tries:
                 if one is not returned:  # a failure is the endpoint's; a cancelled try says nothing about it
                     cluster.finished(one.endpoint, now - one.sent_at, False, judged=one.failure is not None)
+                if one.span is not None and ex.trace is not None:  # each try is a span of its own
+                    error = one.failure.error.reason if one.failure else "" if one is winner else "cancelled"
+                    ex.trace.end_try(one.span, str(one.endpoint), one.ex.status, error)
         if winner is None:
             failure = tries[0].failure
             assert failure is not None
@@ -360,7 +378,13 @@ class Forward:
         return winner.conn, winner.response, winner.endpoint, winner.sent_at
 
     def _hedge(
-        self, first: Endpoint, hash_key: bytes | None, headers: Headers, grpc_timeout: int, deadline: float
+        self,
+        first: Endpoint,
+        hash_key: bytes | None,
+        headers: Headers,
+        grpc_timeout: int,
+        deadline: float,
+        ex: Exchange,
     ) -> _Hedge | None:
         """The hedged try to launch, counted as started; None when there is no other endpoint, no time left or
         no budget. Never raises: it runs inside the race's nursery."""
@@ -376,13 +400,15 @@ class Forward:
         hedge = _Hedge(second, Exchange(), now, list(headers))
         hedge.ex.endpoint = str(second)
         try:
-            self._try_headers(hedge.headers, grpc_timeout, deadline, now)
+            self._try_headers(hedge.headers, grpc_timeout, deadline, now, True)
         except MeshError:  # the deadline has passed; the sweeper is about to answer
             return None
         if not cluster.budget.withdraw():
             return None
         cluster.hedges["sent"] += 1
         cluster.started(second)
+        if ex.trace is not None:
+            hedge.span = ex.trace.start_try(hedge.headers, 1)
         return hedge
 
     def _retry_pause(
@@ -662,7 +688,7 @@ def _worth_buffering(head: RequestHead, limit: int) -> bool:
 class _Hedge:
     """One try of a hedged request: where it went, when, with which headers, and what came back."""
 
-    __slots__ = ("conn", "endpoint", "ex", "failed", "failure", "headers", "response", "sent_at")
+    __slots__ = ("conn", "endpoint", "ex", "failed", "failure", "headers", "response", "sent_at", "span")
 
     def __init__(self, endpoint: Endpoint, ex: Exchange, sent_at: float, headers: Headers) -> None:
         self.endpoint = endpoint
@@ -673,6 +699,7 @@ class _Hedge:
         self.response: ResponseHead | None = None
         self.failure: _TryFailed | None = None
         self.failed = trio.Event()
+        self.span: TrySpan | None = None  # its client span, when the request is traced
 
     def fail(self, failure: _TryFailed) -> None:
         self.failure = failure

@@ -149,6 +149,7 @@ def test_defaults() -> None:
         "identity": None,
         "admin": {"bind": "127.0.0.1:9901"},
         "log": {"level": "info", "access_log": False},
+        "telemetry": {"tracing": None},
         "shutdown": {"drain_timeout": "15s"},
     }
 
@@ -434,7 +435,7 @@ log: {access_log: maybe}
             [
                 "colour: unknown field 'colour' "
                 "(allowed: mesh, service, inbound, upstreams, clusters, discovery, consul, registration, identity, "
-                "admin, log, shutdown)"
+                "admin, log, telemetry, shutdown)"
             ],
         ),
         ("service: {name: web, name: api, app: 127.0.0.1:1}\n", ["line 1, column 22: duplicate key 'name'"]),

@@ -139,6 +139,7 @@ def test_every_metric_is_described_before_any_sample() -> None:
         "mesh_upstream_connections_total",
         "mesh_route_requests_total",
         "mesh_mirrored_requests_total",
+        "mesh_spans_total",
         "mesh_errors_total",
         "mesh_protocol_detected_total",
         "mesh_requests_unanswered_total",
