@@ -10,6 +10,7 @@ the thread still holds the GIL while it encodes, but Python hands the GIL back t
 from __future__ import annotations
 
 import math
+import struct
 import threading
 import time
 import urllib.parse
@@ -26,13 +27,15 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from mesh import __version__
-from mesh.telemetry.spans import AttributeValue, SpanRecord
+from mesh.telemetry.spans import SpanRecord
 
 if TYPE_CHECKING:
-    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+    pass
 
 log = structlog.get_logger("mesh.otlp")
 
@@ -49,48 +52,127 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 def encode(spans: Sequence[SpanRecord], *, service: str, resource: dict[str, str]) -> bytes:
     """One `ExportTraceServiceRequest` carrying `spans`: one ResourceSpans whose resource is `service.name` = `service`
-    plus `resource` (`service` wins over a `service.name` in `resource`), one ScopeSpans named "triomesh"."""
-    request = ExportTraceServiceRequest()
-    resource_spans = request.resource_spans.add()
-    _set_attributes(resource_spans.resource.attributes, {**resource, "service.name": service})
-    scope_spans = resource_spans.scope_spans.add()
-    scope_spans.scope.name = SCOPE_NAME
-    scope_spans.scope.version = __version__
-    add_span = scope_spans.spans.add
+    plus `resource` (`service` wins over a `service.name` in `resource`), one ScopeSpans named "triomesh".
+
+    Written directly in protobuf's wire format, with the field numbers read from opentelemetry-proto's own message
+    descriptors (so the bytes are what those classes serialise and parse; tests/component/test_otlp.py decodes them
+    with the classes): building message objects field by field cost ~12 µs a span, the bytes ~2 µs, and attribute
+    key/value pairs that repeat from span to span (service, method, route, status) are encoded once and reused."""
+    attributes = {**resource, "service.name": service}
+    resource_bytes = b"".join(_field(_RESOURCE_ATTRIBUTES, _key_value(k, v)) for k, v in attributes.items())
+    scope_bytes = _field(_SCOPE_NAME, SCOPE_NAME.encode()) + _field(_SCOPE_VERSION, __version__.encode())
+    scope_spans = [_field(_SS_SCOPE, scope_bytes)]
     for record in spans:
-        # Assigning fields of a message in place is about three times faster than passing them to constructors.
-        span = add_span()
-        span.trace_id = record.trace_id
-        span.span_id = record.span_id
-        span.parent_span_id = record.parent_id
-        span.name = record.name
-        span.kind = record.kind
-        span.start_time_unix_nano = record.start_ns
-        span.end_time_unix_nano = record.end_ns
-        _set_attributes(span.attributes, record.attributes)
-        if record.status or record.status_message:
-            span.status.code = record.status
-            span.status.message = record.status_message
-    return request.SerializeToString()
+        scope_spans.append(_field(_SS_SPANS, _span(record)))
+    parts = [_field(_RS_RESOURCE, resource_bytes), _field(_RS_SCOPE_SPANS, b"".join(scope_spans))]
+    return _field(_REQ_RESOURCE_SPANS, b"".join(parts))
 
 
-def _set_attributes(target: RepeatedCompositeFieldContainer[KeyValue], attributes: dict[str, AttributeValue]) -> None:
-    add = target.add
-    for key, value in attributes.items():
-        _set_value(add(key=key).value, value)
+def _span(record: SpanRecord) -> bytes:
+    out = [
+        _SPAN_TRACE_ID_TAG,
+        _varint(len(record.trace_id)),
+        record.trace_id,
+        _SPAN_SPAN_ID_TAG,
+        _varint(len(record.span_id)),
+        record.span_id,
+    ]
+    if record.parent_id:
+        out += (_SPAN_PARENT_TAG, _varint(len(record.parent_id)), record.parent_id)
+    name = record.name.encode()
+    out += (_SPAN_NAME_TAG, _varint(len(name)), name)
+    if record.kind:
+        out += (_SPAN_KIND_TAG, _varint(record.kind))
+    out += (_SPAN_START_TAG, _FIXED64.pack(record.start_ns), _SPAN_END_TAG, _FIXED64.pack(record.end_ns))
+    cache = _KV_CACHE
+    for item in record.attributes.items():
+        encoded = cache.get(item)
+        if encoded is None:
+            encoded = _field(_SPAN_ATTRIBUTES, _key_value(*item))
+            if len(cache) >= _KV_CACHE_MAX:
+                cache.clear()
+            cache[item] = encoded
+        out.append(encoded)
+    if record.status or record.status_message:
+        status = b""
+        if record.status_message:
+            status += _field(_STATUS_MESSAGE, record.status_message.encode())
+        if record.status:
+            status += _STATUS_CODE_TAG + _varint(record.status)
+        out.append(_field(_SPAN_STATUS, status))
+    return b"".join(out)
 
 
-def _set_value(target: AnyValue, value: object) -> None:
+def _key_value(key: str, value: object) -> bytes:
+    return _field(_KV_KEY, key.encode()) + _field(_KV_VALUE, _any_value(value))
+
+
+def _any_value(value: object) -> bytes:
     if isinstance(value, str):
-        target.string_value = value
-    elif isinstance(value, bool):  # before int: bool is an int
-        target.bool_value = value
-    elif isinstance(value, int) and _INT64_MIN <= value <= _INT64_MAX:
-        target.int_value = value
-    elif isinstance(value, float):
-        target.double_value = value
-    else:  # an int beyond int64, or a value of a type OTLP has no field for: keep it readable rather than lose it
-        target.string_value = str(value)
+        return _field(_ANY_STRING, value.encode())
+    if isinstance(value, bool):  # before int: bool is an int
+        return _tag(_ANY_BOOL, 0) + (b"\x01" if value else b"\x00")
+    if isinstance(value, int) and _INT64_MIN <= value <= _INT64_MAX:
+        return _tag(_ANY_INT, 0) + _varint(value & 0xFFFFFFFFFFFFFFFF)  # int64: two's complement, 10 bytes if < 0
+    if isinstance(value, float):
+        return _tag(_ANY_DOUBLE, 1) + _DOUBLE.pack(value)
+    # An int beyond int64, or a value of a type OTLP has no field for: keep it readable rather than lose it.
+    return _field(_ANY_STRING, str(value).encode())
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _tag(number: int, wire_type: int) -> bytes:
+    return _varint(number << 3 | wire_type)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (strings, bytes, messages)."""
+    return _tag(number, 2) + _varint(len(payload)) + payload
+
+
+def _numbers(message: type) -> dict[str, int]:
+    return {field.name: field.number for field in message.DESCRIPTOR.fields}  # type: ignore[attr-defined]
+
+
+_SMALL = [bytes((i,)) for i in range(0x80)]
+_FIXED64 = struct.Struct("<Q")
+_DOUBLE = struct.Struct("<d")
+_KV_CACHE: dict[tuple[str, object], bytes] = {}  # (key, value) → the encoded attribute field
+_KV_CACHE_MAX = 8192
+_request, _resource_spans = _numbers(ExportTraceServiceRequest), _numbers(ResourceSpans)
+_scope_spans, _scope, _resource = _numbers(ScopeSpans), _numbers(InstrumentationScope), _numbers(Resource)
+_span_fields, _status, _kv, _any = _numbers(Span), _numbers(Status), _numbers(KeyValue), _numbers(AnyValue)
+_REQ_RESOURCE_SPANS = _request["resource_spans"]
+_RS_RESOURCE, _RS_SCOPE_SPANS = _resource_spans["resource"], _resource_spans["scope_spans"]
+_RESOURCE_ATTRIBUTES = _resource["attributes"]
+_SS_SCOPE, _SS_SPANS = _scope_spans["scope"], _scope_spans["spans"]
+_SCOPE_NAME, _SCOPE_VERSION = _scope["name"], _scope["version"]
+_SPAN_ATTRIBUTES, _SPAN_STATUS = _span_fields["attributes"], _span_fields["status"]
+_SPAN_TRACE_ID_TAG = _tag(_span_fields["trace_id"], 2)
+_SPAN_SPAN_ID_TAG = _tag(_span_fields["span_id"], 2)
+_SPAN_PARENT_TAG = _tag(_span_fields["parent_span_id"], 2)
+_SPAN_NAME_TAG = _tag(_span_fields["name"], 2)
+_SPAN_KIND_TAG = _tag(_span_fields["kind"], 0)
+_SPAN_START_TAG = _tag(_span_fields["start_time_unix_nano"], 1)
+_SPAN_END_TAG = _tag(_span_fields["end_time_unix_nano"], 1)
+_STATUS_MESSAGE, _STATUS_CODE_TAG = _status["message"], _tag(_status["code"], 0)
+_KV_KEY, _KV_VALUE = _kv["key"], _kv["value"]
+_ANY_STRING, _ANY_BOOL, _ANY_INT, _ANY_DOUBLE = (
+    _any["string_value"],
+    _any["bool_value"],
+    _any["int_value"],
+    _any["double_value"],
+)
 
 
 def _partial_success(answer: bytes) -> tuple[int, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mesh.message import Headers, RequestHead
 from mesh.telemetry.spans import CLIENT, ERROR, OK, SERVER, UNSET, AttributeValue, SpanRecord
@@ -19,6 +20,9 @@ from mesh.telemetry.tracecontext import (
     new_trace_id,
     sample,
 )
+
+if TYPE_CHECKING:
+    from mesh.pipeline.exchange import Exchange
 
 
 class Tracer:
@@ -135,62 +139,65 @@ class ExchangeTrace:
         span.status = status
         span.error = error
 
-    def finish(self, head: RequestHead, ex: object, direction: str) -> None:
+    def finish(self, head: RequestHead, ex: Exchange, direction: str) -> None:
         """Hand the request's spans to the tracer: the server span (inbound) and every try's client span."""
         tracer = self.tracer
         now = time.time_ns()
-        method = head.method.decode("latin-1")
-        path, _, query = head.target.partition(b"?")
-        status: int = getattr(ex, "status", 0)
-        mesh_error: str = getattr(ex, "mesh_error", "")
-        route: str = getattr(ex, "route", "")
+        method = _METHODS.get(head.method) or head.method.decode("latin-1")
+        target = head.target
+        mark = target.find(b"?")
+        status = ex.status
+        mesh_error = ex.mesh_error
+        route = ex.route
         common: dict[str, AttributeValue] = {
             "http.request.method": method,
-            "url.path": path.decode("latin-1"),
+            "url.path": (target if mark < 0 else target[:mark]).decode("latin-1"),
             "server.address": head.authority.decode("latin-1"),
             "mesh.service": tracer.service,
             "mesh.direction": direction,
         }
-        if query:
-            common["url.query"] = query.decode("latin-1")
+        if mark >= 0:
+            common["url.query"] = target[mark + 1 :].decode("latin-1")
         if route:
-            common["mesh.route"] = route
-            common["http.route"] = route
-        destination: str = getattr(ex, "destination", "")
-        if destination:
-            common["mesh.destination"] = destination
-        request_id: bytes = getattr(ex, "request_id", b"")
-        if request_id:
-            common["mesh.request_id"] = request_id.decode("latin-1")
+            common["mesh.route"] = common["http.route"] = route
+        if ex.destination:
+            common["mesh.destination"] = ex.destination
+        if ex.request_id:
+            common["mesh.request_id"] = ex.request_id.decode("latin-1")
+        submit = tracer.submit
         if self.inbound:
-            attributes = dict(common)
             if status:
-                attributes["http.response.status_code"] = status
+                common["http.response.status_code"] = status
             if mesh_error:
-                attributes["mesh.error"] = mesh_error
-            endpoint: str = getattr(ex, "endpoint", "")
-            if endpoint:
-                attributes["mesh.upstream_endpoint"] = endpoint
-            span_status = ERROR if status >= 500 or not status else UNSET
-            tracer.submit(
+                common["mesh.error"] = mesh_error
+            if ex.endpoint:
+                common["mesh.upstream_endpoint"] = ex.endpoint
+            failed = status >= 500 or not status
+            name = f"{method} {route}" if route else method
+            submit(
                 SpanRecord(
                     self.trace_id,
                     self.server_id,
                     self.parent_id,
-                    f"{method} {route}" if route else method,
+                    name,
                     SERVER,
                     self.start_ns,
                     now,
-                    attributes,
-                    span_status,
-                    mesh_error if span_status == ERROR else "",
+                    common,
+                    ERROR if failed else UNSET,
+                    mesh_error if failed else "",
                 )
             )
             return
-        winner = next((t for t in reversed(self.tries) if t.ended and not t.error), None)
-        retries = len(self.tries) - 1
-        for one in self.tries:
-            attributes = dict(common)
+        tries = self.tries
+        winner = None
+        for one in reversed(tries):
+            if one.ended and not one.error:
+                winner = one
+                break
+        retries = len(tries) - 1
+        for one in tries:
+            attributes = common.copy() if retries else common
             attributes["mesh.try"] = one.index
             attributes["mesh.retries"] = retries
             if one.index:
@@ -207,7 +214,7 @@ class ExchangeTrace:
             if error:
                 attributes["mesh.error"] = error
             failed = bool(error) or not try_status or try_status >= 400
-            tracer.submit(
+            submit(
                 SpanRecord(
                     self.trace_id,
                     one.span_id,
@@ -221,3 +228,6 @@ class ExchangeTrace:
                     error if failed else "",
                 )
             )
+
+
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE")}
