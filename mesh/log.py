@@ -144,22 +144,64 @@ def _level_number(level: str) -> int:
         raise ValueError(f"unknown log level {level!r}; use debug, info, warning, error or critical") from None
 
 
+RUNTIME_LEVELS = ("debug", "info", "warning", "error")
+"""The levels `set_level` takes (`configure` also takes critical)."""
+
+_LevelFilteringLogger: type = type("BoundLoggerFilteringAtRunTimeLevel", (structlog.BoundLoggerBase,), {})
+"""The bound-logger class of every logger `configure` makes. Its level methods are those of structlog's filtering
+logger for the level in force (those below it do nothing), copied onto it by `_use_level`: as loggers are cached
+on first use, a level changed at run time must change the class they already hold, not the configuration."""
+
+_level = "info"
+
+
+def _use_level(level: str) -> None:
+    global _level
+    number = _level_number(level)
+    for name, method in vars(structlog.make_filtering_bound_logger(number)).items():
+        if not name.startswith("_"):
+            setattr(_LevelFilteringLogger, name, method)
+    _level = logging.getLevelName(number).lower()
+
+
+_use_level(_level)
+
+
+def current_level() -> str:
+    """The lowest level logged now: the configured one, or the last `set_level`."""
+    return _level
+
+
+def set_level(level: str) -> str:
+    """Change the lowest level logged, at run time, for every logger `configure` made (those already in use too);
+    returns the level in force before. One of RUNTIME_LEVELS, in any case; ValueError otherwise. The access log
+    is not affected (see `get_logger`), and the change lasts until the next `configure` (a restart)."""
+    name = level.strip().lower()
+    if name not in RUNTIME_LEVELS:
+        raise ValueError(f"unknown log level {level!r}; use {', '.join(RUNTIME_LEVELS)}")
+    was = _level
+    _use_level(name)
+    return was
+
+
 def configure(level: str = "info", stream: TextIO = sys.stderr) -> None:
     """Send every structlog logger's events to `stream` as JSON lines, dropping those below `level`.
 
     Calling it again replaces the previous configuration, so equal arguments give the same result. Loggers
-    keep the configuration they had on first use: configure before logging.
+    keep the configuration they had on first use (configure before logging), but the level is shared: `level`
+    and a later `set_level` apply to every logger made by any `configure`.
     """
     processors: list[Processor] = [
         _add_leading_keys,
         structlog.processors.format_exc_info,
         structlog.processors.JSONRenderer(),
     ]
+    _use_level(level)
     _access_writer.flush()
     _access_writer.stream = stream
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(_level_number(level)),
+        wrapper_class=_LevelFilteringLogger,
         logger_factory=_NamedWriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )

@@ -147,6 +147,7 @@ class Sidecar:
         self._tasks: trio.Nursery | None = None  # runs cluster maintenance (and retires replaced clusters)
         self._listener_tasks: trio.Nursery | None = None  # runs the listeners
         self._maintaining: dict[Cluster, trio.CancelScope] = {}
+        self._listeners_drained = False  # POST /drain: the listeners stay drained until the process ends
         self.app_cluster, self.clusters = self._make_clusters(config, {}, set(), None)
         for listener in self._make_listeners(config, self.app_cluster, self.clusters, {}):
             self.listeners[listener.key] = listener
@@ -464,6 +465,9 @@ class Sidecar:
             certs=self.certs,
             registration=self.registration_state,
             reload=self.reload if self.source is not None else None,
+            log_level=mesh_log.set_level,
+            drain=self.drain_listeners,
+            shutdown=self.shutdown_soon,
         )
         admin_drain = Drain()
         async with trio.open_nursery() as background:
@@ -569,6 +573,8 @@ class Sidecar:
             raise ReloadRefused(["the sidecar was started without a config file: nothing to reload"])
         if self.stopping or self.drain.draining:
             raise ReloadRefused([f"{source}: the sidecar is shutting down"])
+        if self._listeners_drained:  # POST /drain: nothing may start listening again
+            raise ReloadRefused([f"{source}: the listeners were drained (POST /drain); restart the sidecar"])
         try:
             data = source.read_bytes()
             new = parse_config(data.decode("utf-8"), name=str(source), base_dir=source.parent)
@@ -672,6 +678,32 @@ class Sidecar:
             with trio.move_on_after(self.consul.settings.timeout):
                 await self.registration.deregister()
         self.drain_all()
+
+    def drain_listeners(self) -> bool:
+        """Drain every listener as a shutdown does, but stay registered and keep running (`POST /drain`, for a load
+        balancer in front that watches /ready): `serve()` still ends only after `shutdown()`, which then finds the
+        listeners drained. False if they were draining already, or a shutdown has begun."""
+        listeners = list(self.listeners.values())
+        if self.stopping or self.drain.draining or (listeners and all(one.drain.draining for one in listeners)):
+            return False
+        log.warning(
+            "draining the listeners; the sidecar stays up, not serving, until SIGTERM or POST /shutdown",
+            service=self.config.service.name,
+            listeners=[listener.name for listener in listeners],
+            drain_timeout_s=self.config.shutdown.drain_timeout,
+        )
+        self._listeners_drained = True
+        for listener in listeners:
+            listener.drain.start()
+        return True
+
+    def shutdown_soon(self) -> bool:
+        """Begin `shutdown()` in the background, as SIGTERM does (`POST /shutdown`); False if it has begun."""
+        if self.stopping or self._tasks is None:
+            return False
+        log.info("shutting down", request="POST /shutdown", drain_timeout_s=self.config.shutdown.drain_timeout)
+        self._tasks.start_soon(self.shutdown)
+        return True
 
 
 async def _flush_access_log_periodically() -> None:
