@@ -50,7 +50,10 @@ def test_unary_small_is_echoed_and_recorded(client: Client) -> None:
     [record] = client.stats(result.call_id)
     assert record["method"] == "Unary" and not record["cancelled"]
     assert record["metadata"]["user-agent"].startswith("grpc-python/")
-    assert 8 < record["time_remaining"] <= 10.01  # grpc-timeout, as the server saw it (rounded up a little)
+    # grpc-timeout as the server saw it. Here grpcio's own client sets it (the mesh rewrites it in test_grpc_mesh,
+    # which keeps the tight bound): grpcio rounds the value it sends up to the unit it picks, so a server in another
+    # process has been seen to read 10.096 s of a 10 s timeout.
+    assert 8 < record["time_remaining"] <= 10.25
     assert record["started"] <= record["finished"] <= record["ended"]
 
 
