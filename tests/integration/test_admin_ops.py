@@ -39,10 +39,14 @@ def consul_services(consul: FakeConsul) -> Any:
 
 
 def refused(port: int) -> bool:
+    """Nothing listens on `port` any more. A connection that the kernel had queued for a listener closing at that
+    moment is reset instead: not yet the answer, ask again."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
     return False
 
 
