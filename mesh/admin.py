@@ -83,6 +83,8 @@ class AdminApp:
         log_level: Callable[[str], str] | None = None,
         drain: Callable[[], bool] | None = None,
         shutdown: Callable[[], bool] | None = None,
+        status: Callable[[], dict[str, Any]] | None = None,
+        only: frozenset[bytes] | None = None,
         head_timeout: float = 5.0,
         send_timeout: float = 5.0,
         max_waiting: int = 128,
@@ -103,6 +105,8 @@ class AdminApp:
         self.log_level = log_level
         self.drain = drain
         self.shutdown = shutdown
+        self.status = status
+        self.only = only  # a read-only listener (the telemetry one) answers these paths and nothing else
         self.drained = False  # POST /drain was answered: /ready says draining, reloads are refused
         self.shutting_down = False  # POST /shutdown was answered
         self.head_timeout = head_timeout
@@ -114,6 +118,8 @@ class AdminApp:
         """(status, content type, body) for one request but a POST of an operation (see `operate`); pure, so it
         is testable without sockets."""
         path = target.split(b"?", 1)[0]
+        if self.only is not None and path not in self.only:
+            return 404, _TEXT, b"not found; this listener serves GET " + b" ".join(sorted(self.only)) + b"\n"
         if path in _OPERATIONS:
             return 405, _TEXT, b"only POST is served here\n"
         if method not in (b"GET", b"HEAD"):
@@ -134,6 +140,8 @@ class AdminApp:
             return 200, _JSON, _json(self.certs())
         if path == b"/registration":
             return 200, _JSON, _json(self.registration())
+        if path == b"/status" and self.status is not None:
+            return 200, _JSON, _json(self.status())
         return 404, _TEXT, _NOT_FOUND
 
     async def operate(self, path: bytes, query: bytes, body: bytes, peer: str | None) -> tuple[int, bytes, bytes]:
@@ -229,7 +237,7 @@ class AdminApp:
                 if head is None:
                     return
                 path, _, query = head.target.partition(b"?")
-                if path in _OPERATIONS and head.method == b"POST":
+                if path in _OPERATIONS and head.method == b"POST" and self.only is None:
                     status, content_type, body = await self.operate(path, query, request_body, peer)
                 else:
                     status, content_type, body = self.respond(head.method, head.target)

@@ -1492,6 +1492,12 @@ class TracingSettings(_Model):
 class TelemetrySettings(_Model):
     """What the sidecar reports beyond its admin listener."""
 
+    bind: AddressField | None = Field(
+        None,
+        description="A read-only telemetry listener (GET /metrics, GET /status) that Prometheus and `mesh status` "
+        "can reach from other hosts, e.g. 0.0.0.0:9902; off by default. A registration advertises it in the "
+        "service's meta as `mesh-telemetry`.",
+    )
     tracing: TracingSettings | None = Field(None, description="Distributed tracing (off by default).")
 
 
@@ -1619,6 +1625,8 @@ def _conflicts(cfg: SidecarConfig) -> list[_Problem]:
         binds.append((("inbound", "bind"), cfg.inbound.bind))
     binds += [(("upstreams", i, "bind"), upstream.bind) for i, upstream in enumerate(cfg.upstreams)]
     binds.append((("admin", "bind"), cfg.admin.bind))
+    if cfg.telemetry.bind is not None:
+        binds.append((("telemetry", "bind"), cfg.telemetry.bind))
     for n, (loc, address) in enumerate(binds):
         same = [earlier_loc for earlier_loc, earlier in binds[:n] if earlier == address and address.port != 0]
         overlapping = [(earlier_loc, earlier) for earlier_loc, earlier in binds[:n] if _overlaps(address, earlier)]

@@ -10,7 +10,7 @@ from typing import Any
 import trio
 
 from mesh import log as mesh_log
-from mesh.config import InboundSettings, RegistrationSettings, ServiceSettings, format_duration
+from mesh.config import Address, InboundSettings, RegistrationSettings, ServiceSettings, format_duration
 from mesh.consul import ConsulAgent, ConsulUnavailable
 from mesh.endpoint import Endpoint
 from mesh.health import probe
@@ -69,9 +69,18 @@ class Registration:
         log: Any = None,
         rng: Callable[[float, float], float] = random.uniform,
         start_timeout: float = 2.0,
+        telemetry: Address | None = None,
     ) -> None:
         self.agent = agent
         self.settings = settings
+        # Advertised in both registrations' meta (`mesh-telemetry`), so that Prometheus and `mesh status` on other
+        # hosts find the read-only telemetry listener through the catalog.
+        # A wildcard bind is advertised at the address peers reach this instance by (":port" when that is the
+        # node's own address, as Consul reports it).
+        self._meta = dict(settings.meta)
+        if telemetry is not None:
+            host = _unless_wildcard(telemetry.host) or advertised_address(settings, inbound)
+            self._meta["mesh-telemetry"] = str(Address(host, telemetry.port)) if host else f":{telemetry.port}"
         self.service_name = service.name
         self.service_id = settings.id or f"{service.name}-{inbound.bind.port}"
         self.check_id = f"service:{self.service_id}"
@@ -126,7 +135,7 @@ class Registration:
             "address": _unless_wildcard(self._app.host),  # an app bound to 0.0.0.0: at the node's address
             "port": self._app.port,
             "tags": list(settings.tags),
-            "meta": dict(settings.meta),
+            "meta": dict(self._meta),
             "check": check,
         }
 
@@ -145,7 +154,7 @@ class Registration:
             "address": self.address,  # "" is left out: Consul then reports the node's address
             "port": self._inbound.bind.port,
             "tags": list(settings.tags),
-            "meta": dict(settings.meta),
+            "meta": dict(self._meta),
             "kind": "connect-proxy",
             "proxy": {
                 "DestinationServiceName": self._service.name,

@@ -115,7 +115,11 @@ class Sidecar:
         if config.registration is not None:
             assert self.consul is not None and config.inbound is not None  # the config guarantees both
             self.registration = Registration(
-                self.consul, config.registration, service=config.service, inbound=config.inbound
+                self.consul,
+                config.registration,
+                service=config.service,
+                inbound=config.inbound,
+                telemetry=config.telemetry.bind,
             )
         self.stopping = False
         self.identity = (
@@ -427,6 +431,20 @@ class Sidecar:
             }
         return state
 
+    def status_view(self) -> dict[str, Any]:
+        """What the telemetry listener's GET /status answers: the service, its config version, readiness, clusters
+        and certificate, in one read (what `mesh status` shows)."""
+        ready, reason = self.ready()
+        return {
+            "service": self.config.service.name,
+            "loaded": self.version.as_dict(),
+            "ready": {"ready": ready, "reason": reason},
+            "listeners": {name: str(address) for name, address in self.bound.items()},
+            "clusters": self.cluster_state(),
+            "certs": self.certs(),
+            "registration": self.registration_state(),
+        }
+
     def config_view(self) -> dict[str, Any]:
         """The admin view of the running config: the loaded version, when, from where, and the config itself
         with secrets redacted."""
@@ -451,6 +469,8 @@ class Sidecar:
         """{listener key: its sockets}, or an ExceptionGroup of one OSError per address that cannot be bound."""
         wanted = [(listener.key, listener.setting, listener.bind) for listener in self.listeners.values()]
         wanted.append(("admin", "admin.bind", self.config.admin.bind))  # last, as in the config's own checks
+        if self.config.telemetry.bind is not None:
+            wanted.append(("telemetry", "telemetry.bind", self.config.telemetry.bind))
         return await _open_all(wanted)
 
     async def _serve(
@@ -496,6 +516,27 @@ class Sidecar:
                     drain_timeout=1.0,
                 )
             )
+            if "telemetry" in opened:  # read-only: GET /metrics and GET /status, for other hosts
+                telemetry = AdminApp(
+                    metrics=self.metrics,
+                    ready=self.ready,
+                    config=self.config_view,
+                    clusters=self.cluster_state,
+                    certs=self.certs,
+                    status=self.status_view,
+                    only=frozenset({b"/metrics", b"/status"}),
+                )
+                self.bound["telemetry"] = await background.start(
+                    partial(
+                        serve_tcp,
+                        opened.pop("telemetry"),
+                        telemetry.handle,
+                        name="telemetry",
+                        drain=admin_drain,
+                        max_connections=telemetry.max_connections,
+                        drain_timeout=1.0,
+                    )
+                )
             async with trio.open_nursery() as listeners:
                 self._listener_tasks = listeners
                 for listener in self.listeners.values():

@@ -17,7 +17,7 @@ import structlog
 import trio
 from structlog.testing import CapturingLogger
 
-from mesh.config import ConsulSettings, InboundSettings, RegistrationSettings, ServiceSettings
+from mesh.config import ConsulSettings, InboundSettings, RegistrationSettings, ServiceSettings, parse_address
 from mesh.consul import ConsulAgent, endpoint_from_entry
 from mesh.discovery import Endpoint
 from mesh.registration import Registration, advertised_address
@@ -460,3 +460,33 @@ async def test_a_wildcard_bind_is_advertised_at_the_node_address(
     [entry] = await consul.get(connect_path(reg))
     assert entry["Service"]["Address"] == ""
     assert endpoint_from_entry(entry) == Endpoint(fake.node_address, INBOUND_PORT, tags=("v1",), meta={"zone": "a"})
+
+
+@pytest.mark.parametrize(
+    ("inbound", "telemetry", "advertised"),
+    [
+        ("10.0.0.5:15001", "0.0.0.0:9902", "10.0.0.5:9902"),  # a wildcard: where peers reach this instance
+        ("0.0.0.0:15001", "[::]:9902", ":9902"),  # ... the node's own address, as Consul reports it
+        ("0.0.0.0:15001", "10.0.0.7:9902", "10.0.0.7:9902"),  # a bound address as it is
+    ],
+)
+def test_the_telemetry_listener_is_advertised_in_both_registrations_meta(
+    inbound: str, telemetry: str, advertised: str
+) -> None:
+    settings = RegistrationSettings(meta={"zone": "a"})
+    reg = Registration(
+        ConsulAgent(ConsulSettings(address="127.0.0.1:8500")),
+        settings,
+        service=ServiceSettings(name="web", app="127.0.0.1:8080"),
+        inbound=InboundSettings(bind=inbound),
+        telemetry=parse_address(telemetry),
+    )
+    for definition in (reg.service_definition(), reg.proxy_definition()):
+        assert definition["meta"] == {"zone": "a", "mesh-telemetry": advertised}
+    plain = Registration(
+        ConsulAgent(ConsulSettings(address="127.0.0.1:8500")),
+        settings,
+        service=ServiceSettings(name="web", app="127.0.0.1:8080"),
+        inbound=InboundSettings(bind=inbound),
+    )
+    assert plain.service_definition()["meta"] == {"zone": "a"}  # without a telemetry listener, nothing added

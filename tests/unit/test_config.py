@@ -149,7 +149,7 @@ def test_defaults() -> None:
         "identity": None,
         "admin": {"bind": "127.0.0.1:9901"},
         "log": {"level": "info", "access_log": False},
-        "telemetry": {"tracing": None},
+        "telemetry": {"bind": None, "tracing": None},
         "shutdown": {"drain_timeout": "15s"},
     }
 
