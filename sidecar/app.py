@@ -308,7 +308,7 @@ class Sidecar:
             if settings.routes:
                 default = Destination(cluster.name) if cluster is not None else None
                 table = RouteTable(settings.routes, default=default)
-                destinations = dict(clusters)
+                destinations = clusters
                 if direction == "inbound":
                     assert cluster is not None
                     destinations = {cluster.name: cluster}
@@ -505,19 +505,9 @@ class Sidecar:
                 await background.start(self.exporter.run)
             for cluster in self.all_clusters():
                 self._maintain(cluster)
-            self.bound["admin"] = await background.start(
-                partial(
-                    serve_tcp,
-                    opened.pop("admin"),
-                    admin.handle,
-                    name="admin",
-                    drain=admin_drain,
-                    max_connections=admin.max_connections,
-                    drain_timeout=1.0,
-                )
-            )
+            apps = {"admin": admin}
             if "telemetry" in opened:  # read-only: GET /metrics and GET /status, for other hosts
-                telemetry = AdminApp(
+                apps["telemetry"] = AdminApp(
                     metrics=self.metrics,
                     ready=self.ready,
                     config=self.config_view,
@@ -526,14 +516,15 @@ class Sidecar:
                     status=self.status_view,
                     only=frozenset({b"/metrics", b"/status"}),
                 )
-                self.bound["telemetry"] = await background.start(
+            for name, app in apps.items():
+                self.bound[name] = await background.start(
                     partial(
                         serve_tcp,
-                        opened.pop("telemetry"),
-                        telemetry.handle,
-                        name="telemetry",
+                        opened.pop(name),
+                        app.handle,
+                        name=name,
                         drain=admin_drain,
-                        max_connections=telemetry.max_connections,
+                        max_connections=app.max_connections,
                         drain_timeout=1.0,
                     )
                 )

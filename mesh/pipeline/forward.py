@@ -132,11 +132,13 @@ class Forward:
                 raise request_timeout()
             if self.outbound:  # the mesh deadline: appended by the first try, replaced by every later one
                 value = (DEADLINE_HEADER, format_deadline_ms(left))
-                # An earlier try's is the last header, or among the last few when trace headers followed it.
-                for i in range(len(headers) - 1, max(len(headers) - 8, -1) if again else len(headers) - 1, -1):
-                    if headers[i][0] is DEADLINE_HEADER:
-                        headers[i] = value
-                        break
+                if again:  # an earlier try's is among the last few headers (trace headers may follow it)
+                    for i in range(len(headers) - 1, max(len(headers) - 8, -1), -1):
+                        if headers[i][0] is DEADLINE_HEADER:
+                            headers[i] = value
+                            break
+                    else:
+                        headers.append(value)
                 else:
                     headers.append(value)
             if grpc_timeout >= 0:

@@ -81,11 +81,13 @@ class Mirror:
         return f"<Mirror {self.route.name} to {self.forward.label} → {self.next!r}>"
 
     def _count(self, outcome: str) -> None:
-        """Count a copy here (`copied`, `failed`, `skipped`) and in mesh_mirrored_requests_total."""
+        """Count a copy here (`copied` for sent, `failed`, `skipped`) and in mesh_mirrored_requests_total."""
         if outcome == "sent":
             self.copied += 1
+        elif outcome == "failed":
+            self.failed += 1
         else:
-            setattr(self, outcome, getattr(self, outcome) + 1)
+            self.skipped += 1
         self.proxy.metrics.mirrored(self.route.name, self.forward.label, outcome)
 
     async def __call__(self, side: Downstream, head: RequestHead, ex: Exchange) -> bool:

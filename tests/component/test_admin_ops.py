@@ -23,41 +23,9 @@ from mesh.config import parse_config
 from mesh.listener import Drain, serve_tcp
 from mesh.metrics import Metrics
 from sidecar.app import Sidecar
+from tests.component.test_admin_reload import Client
 
 NOT_LOOPBACK = {"error": "admin operations are answered to loopback clients only"}
-
-
-class Client:
-    """One connection to the app's handler over a memory stream (a peer local by nature)."""
-
-    def __init__(self, nursery: trio.Nursery, app: AdminApp) -> None:
-        self.stream, server = trio.testing.memory_stream_pair()
-        self.buffer = b""
-
-        async def serve() -> None:
-            async with server:
-                await app.handle(server)
-
-        nursery.start_soon(serve)
-
-    async def request(self, data: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
-        """(status, headers, body) of the response to `data`."""
-        await self.stream.send_all(data)
-        while b"\r\n\r\n" not in self.buffer:
-            await self._more()
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        status_line, *lines = head.split(b"\r\n")
-        headers = {name.lower(): value for name, value in (line.split(b": ", 1) for line in lines)}
-        length = int(headers.get(b"content-length", b"0"))
-        while len(self.buffer) < length:
-            await self._more()
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
-        return int(status_line.split()[1]), headers, body
-
-    async def _more(self) -> None:
-        data = await self.stream.receive_some()
-        assert data, f"connection closed after {self.buffer!r}"
-        self.buffer += data
 
 
 def post(path: str, body: bytes = b"") -> bytes:
